@@ -8,21 +8,84 @@ from __future__ import annotations
 
 import copy
 
+# Fine-tuning: the same budget (steps, augmentation, resolution) for every method of a preset.
+# Resolution is (h, w); ISBI images are 2400x1935, so (h, w) keeps roughly their aspect.
+_FINETUNE_COMMON = {
+    "sigma": 2.0,  # Gaussian target, network pixels
+    "augment": True,
+    "loss": "softmax_ce",
+    "refine_window": 2,
+    "weight_decay": 1e-4,
+    "num_workers": 0,
+    "precision": "32-true",
+    "deterministic": False,
+    "progress_bar": False,
+    "diffusion_timestep": None,  # None: the diffusion method's documented default
+}
+FINETUNE: dict[str, dict] = {
+    "tiny": {**_FINETUNE_COMMON, "resolution": [80, 64], "batch_size": 4, "max_steps": 60, "warmup_steps": 5,
+             "val_every": 20, "lr": 3e-3},
+    "cpu": {**_FINETUNE_COMMON, "resolution": [160, 128], "batch_size": 8, "max_steps": 400, "warmup_steps": 20,
+            "val_every": 50, "lr": 2e-3},
+    "paper": {**_FINETUNE_COMMON, "resolution": [320, 256], "batch_size": 8, "max_steps": 4000, "warmup_steps": 200,
+              "val_every": 250, "lr": 1e-3, "num_workers": 4, "precision": "bf16-mixed", "progress_bar": True},
+}
+
+# Diffusion pretraining (ddpm, cdpm_align): one UNet config per preset, shared by both methods and by their
+# fine-tuning backbone. Keys are diffusers ``UNet2DModel`` arguments (channels, FiLM and the class
+# embedding are set in ``landmark_bench.models.unet.build_unet``); four levels give CDPM-Align its four
+# decoder scales, and fine-tuning sizes must be multiples of 8. ``sample_size`` equals the pretraining
+# resolution (it sets the size of the sample-grid figure).
+UNET: dict[str, dict] = {
+    "tiny": {"sample_size": 16, "block_out_channels": [8, 8, 16, 16], "layers_per_block": 1, "norm_num_groups": 4,
+             "down_block_types": ["DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D"],
+             "up_block_types": ["AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"], "attention_head_dim": 8},
+    "cpu": {"sample_size": 64, "block_out_channels": [16, 32, 64, 64], "layers_per_block": 1, "norm_num_groups": 8,
+            "down_block_types": ["DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D"],
+            "up_block_types": ["AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"], "attention_head_dim": 32},
+    "paper": {"sample_size": 256, "block_out_channels": [64, 128, 256, 512], "layers_per_block": 2,
+              "norm_num_groups": 32,
+              "down_block_types": ["DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D"],
+              "up_block_types": ["AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"], "attention_head_dim": 64},
+}
+# ``resolution`` and ``batch_size`` go to the UnlabeledDataModule; every other key is a keyword argument of
+# ``DDPMPretrain`` / ``CDPMAlignPretrain`` (with ``unet=UNET[preset]``). Both methods get the same schedule so
+# that they differ only by the condition and the alignment phase.
+# cpu: ~650 images (ISBI + AASCE training splits, hand, chest) at 64 px, sized to finish in about 5 minutes
+# on a 2-core CPU.
+_DDPM = {
+    "tiny": {"resolution": 16, "batch_size": 4, "max_steps": 8, "lr": 1e-3, "warmup_steps": 2, "ema_decay": 0.9,
+             "lr_schedule": "cosine", "weight_decay": 1e-6, "num_train_timesteps": 1000, "beta_schedule": "linear"},
+    "cpu": {"resolution": 64, "batch_size": 8, "max_steps": 600, "lr": 3e-4, "warmup_steps": 30, "ema_decay": 0.99,
+            "lr_schedule": "cosine", "weight_decay": 1e-6, "num_train_timesteps": 1000, "beta_schedule": "linear"},
+    "paper": {"resolution": 256, "batch_size": 16, "max_steps": 60000, "lr": 1e-4, "warmup_steps": 1000,
+              "ema_decay": 0.9999, "lr_schedule": "cosine", "weight_decay": 1e-6, "num_train_timesteps": 1000,
+              "beta_schedule": "linear"},
+}
+_CDPM_ALIGN = {"condition_dropout": 0.1, "align_fraction": 0.1, "align_weight": 0.1, "align_timestep_gap": None,
+               "align_scales": None}
+DIFFUSION_PRETRAIN: dict[str, dict[str, dict]] = {
+    preset: {"ddpm": settings, "cdpm_align": {**settings, **_CDPM_ALIGN}} for preset, settings in _DDPM.items()
+}
+
 PRESETS: dict[str, dict] = {
     "tiny": {
         "encoder": "efficientnet_lite0",
-        "finetune": {},
-        "pretrain": {"ddpm": {}, "cdpm_align": {}, "simclr": {}, "moco": {}, "dino": {}},
+        "finetune": FINETUNE["tiny"],
+        "unet": UNET["tiny"],
+        "pretrain": {"ddpm": DIFFUSION_PRETRAIN["tiny"]["ddpm"], "cdpm_align": DIFFUSION_PRETRAIN["tiny"]["cdpm_align"], "simclr": {}, "moco": {}, "dino": {}},
     },
     "cpu": {
         "encoder": "efficientnet_lite0",
-        "finetune": {},
-        "pretrain": {"ddpm": {}, "cdpm_align": {}, "simclr": {}, "moco": {}, "dino": {}},
+        "finetune": FINETUNE["cpu"],
+        "unet": UNET["cpu"],
+        "pretrain": {"ddpm": DIFFUSION_PRETRAIN["cpu"]["ddpm"], "cdpm_align": DIFFUSION_PRETRAIN["cpu"]["cdpm_align"], "simclr": {}, "moco": {}, "dino": {}},
     },
     "paper": {
         "encoder": "efficientnet_lite0",
-        "finetune": {},
-        "pretrain": {"ddpm": {}, "cdpm_align": {}, "simclr": {}, "moco": {}, "dino": {}},
+        "finetune": FINETUNE["paper"],
+        "unet": UNET["paper"],
+        "pretrain": {"ddpm": DIFFUSION_PRETRAIN["paper"]["ddpm"], "cdpm_align": DIFFUSION_PRETRAIN["paper"]["cdpm_align"], "simclr": {}, "moco": {}, "dino": {}},
     },
 }
 

@@ -1,0 +1,34 @@
+# landmark_bench: `make help` lists the targets.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA_DIR ?=
+SHOTS ?= 10
+SEEDS ?= 0 1 2
+PRESET ?= cpu
+METHODS ?= mean_shape scratch imagenet simclr moco dino ddpm cdpm_align
+DATASETS ?= $(if $(DATA_DIR),isbi2015,phantom)
+OUT ?= sweeps/$(PRESET)-$(firstword $(DATASETS))-$(SHOTS)shot
+TEST_DATA_DIR ?= $(if $(DATA_DIR),$(DATA_DIR),../shared/data)
+
+.PHONY: help install test benchmark clean
+
+help: ## list the targets and what they do
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed ## create .venv and install the package with its test extras
+
+test: $(VENV)/.installed ## run the test suite on the real data (DATA_DIR, default ../shared/data) and the phantom
+	DATA_DIR=$(TEST_DATA_DIR) $(PY) -m pytest -q
+
+benchmark: $(VENV)/.installed ## sweep METHODS x DATASETS x SHOTS x SEEDS under PRESET and print the leaderboard
+	$(VENV)/bin/landmark-bench sweep --preset $(PRESET) --methods $(METHODS) --datasets $(DATASETS) \
+		--shots $(SHOTS) --seeds $(SEEDS) --out $(OUT) $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
+
+clean: ## remove the virtual environment and caches (not the data cache in ~/.cache/landmark_bench)
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,131 @@
+"""``landmark-bench``: evaluate, annotations, finetune, pretrain, sweep, leaderboard."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from landmark_bench.checkpoints import CheckpointError
+from landmark_bench.data.readers import DataError
+
+
+def integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def shots_value(text: str) -> int | str:
+    from landmark_bench.data.datamodule import parse_shots
+
+    try:
+        return parse_shots(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def format_metrics(result: dict, title: str) -> str:
+    """A small plain-text table of one metrics dict."""
+    unit = result["unit"]
+    lines = [title, f"  images {result['n_images']}", f"  MRE    {result['mre']:.3f} ± {result['mre_std']:.3f} {unit}"]
+    lines += [f"  SDR@{threshold}{unit} {value:.2f} %" for threshold, value in result["sdr"].items()]
+    if result.get("ere") is not None:
+        lines.append(f"  ERE    {result['ere']:.3f} {unit}")
+    return "\n".join(lines)
+
+
+def reader_options(args: argparse.Namespace) -> dict:
+    options = {}
+    if getattr(args, "ground_truth", None):
+        options["ground_truth"] = args.ground_truth
+    return options
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from landmark_bench.data.registry import get_reader
+    from landmark_bench.evaluation import evaluate_predictions
+    from landmark_bench.io import write_json
+
+    reader = get_reader(args.dataset, args.data_dir, **reader_options(args))
+    result = evaluate_predictions(Path(args.predictions), reader.records(args.split))
+    print(format_metrics(result, f"{args.dataset} {args.split} ({args.predictions})"))
+    if args.json:
+        write_json(Path(args.json), result)
+
+
+def cmd_annotations(args: argparse.Namespace) -> None:
+    """One doctor's (or the mean) annotations in the predictions format, e.g. to score inter-observer error."""
+    import numpy as np
+
+    from landmark_bench.data.registry import get_reader
+    from landmark_bench.evaluation import predictions_frame
+    from landmark_bench.io import write_csv
+
+    records = get_reader(args.dataset, args.data_dir, **reader_options(args)).records(args.split)
+    write_csv(Path(args.out), predictions_frame(records, np.stack([record.landmarks for record in records])))
+    print(f"wrote {len(records)} images to {args.out}")
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from landmark_bench.finetune import finetune
+
+    record = finetune(method=args.method, dataset=args.dataset, shots=args.shots, seed=args.seed, preset=args.preset,
+                      data_dir=args.data_dir, out=args.out, pretrained=args.pretrained, devices=args.devices,
+                      accelerator=args.accelerator, reader_options=reader_options(args))
+    for split, result in record["metrics"].items():
+        if split != "val":
+            print(format_metrics(result, f"{args.method} {args.dataset} {split}"))
+    print(f"run folder: {record['run_dir']}  (training {record['train_seconds']:.1f} s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="landmark-bench", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    evaluate = commands.add_parser("evaluate", help="score a predictions CSV (image_id,landmark,x,y)")
+    evaluate.add_argument("--dataset", required=True)
+    evaluate.add_argument("--data-dir")
+    evaluate.add_argument("--split", required=True)
+    evaluate.add_argument("--predictions", required=True)
+    evaluate.add_argument("--ground-truth", choices=["mean", "senior", "junior"])
+    evaluate.add_argument("--json")
+    evaluate.set_defaults(run=cmd_evaluate)
+
+    annotations = commands.add_parser("annotations", help="write a split's annotations as a predictions CSV")
+    annotations.add_argument("--dataset", required=True)
+    annotations.add_argument("--data-dir")
+    annotations.add_argument("--split", required=True)
+    annotations.add_argument("--ground-truth", choices=["mean", "senior", "junior"])
+    annotations.add_argument("--out", required=True)
+    annotations.set_defaults(run=cmd_annotations)
+
+    finetune = commands.add_parser("finetune", help="fine-tune one method on a few-shot subset and evaluate it")
+    finetune.add_argument("--method", required=True)
+    finetune.add_argument("--dataset", default="phantom")
+    finetune.add_argument("--shots", type=shots_value, default=10)
+    finetune.add_argument("--seed", type=integer, default=0)
+    finetune.add_argument("--preset", default="cpu")
+    finetune.add_argument("--data-dir")
+    finetune.add_argument("--out")
+    finetune.add_argument("--pretrained", help="pretraining checkpoint (simclr, moco, dino, ddpm, cdpm_align)")
+    finetune.add_argument("--ground-truth", choices=["mean", "senior", "junior"])
+    finetune.add_argument("--devices", default=1, type=integer)
+    finetune.add_argument("--accelerator", default="auto")
+    finetune.set_defaults(run=cmd_finetune)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (DataError, CheckpointError, ValueError, FileNotFoundError, FloatingPointError) as error:
+        print(f"landmark-bench {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

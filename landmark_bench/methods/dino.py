@@ -1,0 +1,129 @@
+"""DINO (Caron et al. 2021) on unlabeled X-rays, modelled on lightly's ImageNet ResNet-50 benchmark.
+
+Student: encoder -> lightly ``DINOProjectionHead``, trained on 2 global + N local crops. Teacher: EMA
+copies of both, fed the global crops only. lightly ``DINOLoss`` with centering; the teacher
+temperature warms up linearly over the first ``teacher_temp_warmup_fraction`` of the steps and the
+last layer of the head stays frozen for the first ``freeze_last_layer_epochs`` epochs (its gradients
+are dropped after backward, as in the reference code).
+
+The output dimension defaults to 2048, not DINO's 65536: that figure is sized for ImageNet's 1.28 M
+images, and a few hundred X-rays cannot fill that many prototypes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+from lightly.loss import DINOLoss
+from lightly.models.modules import DINOProjectionHead
+from lightly.models.utils import deactivate_requires_grad
+from lightly.utils.scheduler import linear_warmup_schedule
+from torch import Tensor
+from torch.optim import Optimizer
+
+from landmark_bench.methods.momentum import MomentumPretrainer, momentum_copy, pooled_representation, read_encoder_state
+from landmark_bench.methods.views import XRayViews, multi_crop_views
+
+METHOD = "dino"
+
+
+class DINO(MomentumPretrainer):
+    """DINO pretraining; fine-tuning takes the student encoder (``encoder.*``), the one trained by gradient.
+
+    Batches carry ``batch["views"]``: 2 global ``(B, 1, H, H)`` tensors, then the local ``(B, 1, h, h)`` ones.
+    """
+
+    method = METHOD
+
+    def __init__(
+        self,
+        *,
+        encoder_name: str = "efficientnet_lite0",
+        head_hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        output_dim: int = 2048,
+        freeze_last_layer_epochs: int = 1,
+        student_temp: float = 0.1,
+        warmup_teacher_temp: float = 0.04,
+        teacher_temp: float = 0.07,
+        teacher_temp_warmup_fraction: float = 0.3,
+        center_momentum: float = 0.9,
+        base_momentum: float = 0.996,
+        final_momentum: float = 1.0,
+        lr: float = 1e-3,
+        weight_decay: float = 0.04,
+        warmup_fraction: float = 0.1,
+    ) -> None:
+        super().__init__(
+            encoder_name=encoder_name,
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup_fraction=warmup_fraction,
+            base_momentum=base_momentum,
+            final_momentum=final_momentum,
+        )
+        self.save_hyperparameters()
+        self.projection_head, self.teacher_head = (
+            DINOProjectionHead(
+                input_dim=self.feature_dim,
+                hidden_dim=head_hidden_dim,
+                bottleneck_dim=bottleneck_dim,
+                output_dim=output_dim,
+                freeze_last_layer=freeze_last_layer_epochs,
+            )
+            for _ in range(2)
+        )
+        # A weight-normed layer cannot be deep-copied: the teacher head is a twin given the student's weights.
+        self.teacher_head.load_state_dict(self.projection_head.state_dict())
+        deactivate_requires_grad(self.teacher_head)
+        self.teacher_encoder = momentum_copy(self.encoder)
+        self.criterion = DINOLoss(output_dim=output_dim, student_temp=student_temp, center_momentum=center_momentum)
+
+    @property
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.encoder, self.teacher_encoder), (self.projection_head, self.teacher_head)]
+
+    def teacher_temperature(self, step: int) -> float:
+        """Linear warm-up from ``warmup_teacher_temp`` to ``teacher_temp``, then constant."""
+        warmup_steps = round(self.hparams.teacher_temp_warmup_fraction * self.trainer.estimated_stepping_batches)
+        return linear_warmup_schedule(
+            step=step,
+            warmup_steps=warmup_steps,
+            start_value=self.hparams.warmup_teacher_temp,
+            end_value=self.hparams.teacher_temp,
+        )
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        views = batch["views"]
+        global_views = torch.cat(views[:2])
+        with torch.no_grad():
+            teacher_out = self.teacher_head(pooled_representation(self.teacher_encoder, global_views))
+        # Global and local crops differ in size: one student pass per size.
+        student_out = [self.projection_head(self(global_views))]
+        if len(views) > 2:
+            student_out.append(self.projection_head(self(torch.cat(views[2:]))))
+        teacher_temp = self.teacher_temperature(self.trainer.global_step)
+        loss = self.criterion(
+            teacher_out=list(teacher_out.chunk(2)),
+            student_out=list(torch.cat(student_out).chunk(len(views))),
+            teacher_temp=teacher_temp,
+        )
+        self.log("train_loss", loss, prog_bar=True, sync_dist=True, batch_size=len(views[0]))
+        self.log("teacher_temp", teacher_temp)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        # After backward, before the step: the only place where dropping the gradients freezes the layer.
+        self.projection_head.cancel_last_layer_gradients(self.current_epoch)
+
+
+def views_transform(**kwargs: Any) -> XRayViews:
+    """DINO's multi-crop (2 global + ``n_local`` local views); ``kwargs`` go to ``views.multi_crop_views``."""
+    return multi_crop_views(**kwargs)
+
+
+def encoder_state_dict(checkpoint_path: str) -> dict[str, Tensor]:
+    """Student encoder weights of a DINO checkpoint, loadable with ``strict=True`` into ``create_encoder(name)``."""
+    return read_encoder_state(checkpoint_path, METHOD)

@@ -1,0 +1,62 @@
+"""SimCLR (Chen et al. 2020) on unlabeled X-rays, modelled on lightly's ImageNet ResNet-50 benchmark.
+
+Encoder -> global average pool -> lightly ``SimCLRProjectionHead`` -> lightly ``NTXentLoss`` between
+the two views, negatives from the whole batch (gathered across devices under DDP).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightly.loss import NTXentLoss
+from lightly.models.modules import SimCLRProjectionHead
+from torch import Tensor
+
+from landmark_bench.methods.momentum import EncoderPretrainer, read_encoder_state
+from landmark_bench.methods.views import XRayViews, two_views
+
+METHOD = "simclr"
+
+
+class SimCLR(EncoderPretrainer):
+    """SimCLR pretraining of the suite's encoder; batches carry ``batch["views"]`` = two ``(B, 1, h, w)`` tensors."""
+
+    method = METHOD
+
+    def __init__(
+        self,
+        *,
+        encoder_name: str = "efficientnet_lite0",
+        projection_hidden_dim: int = 2048,
+        projection_dim: int = 128,
+        temperature: float = 0.1,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        warmup_fraction: float = 0.1,
+    ) -> None:
+        super().__init__(encoder_name=encoder_name, lr=lr, weight_decay=weight_decay, warmup_fraction=warmup_fraction)
+        self.save_hyperparameters()
+        self.projection_head = SimCLRProjectionHead(
+            input_dim=self.feature_dim, hidden_dim=projection_hidden_dim, output_dim=projection_dim
+        )
+        self.criterion = NTXentLoss(temperature=temperature, gather_distributed=True)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        views = batch["views"]
+        # Both views in one pass, as in SimCLR: batch-norm statistics span the 2B images.
+        projections = self.projection_head(self(torch.cat(views)))
+        first, second = projections.chunk(len(views))
+        loss = self.criterion(first, second)
+        self.log("train_loss", loss, prog_bar=True, sync_dist=True, batch_size=len(first))
+        return loss
+
+
+def views_transform(**kwargs: Any) -> XRayViews:
+    """SimCLR's two symmetric views (blur probability 0.5 each); ``kwargs`` go to ``views.two_views``."""
+    return two_views(**{"blur_probs": (0.5, 0.5), **kwargs})
+
+
+def encoder_state_dict(checkpoint_path: str) -> dict[str, Tensor]:
+    """Encoder weights of a SimCLR checkpoint, loadable with ``strict=True`` into ``create_encoder(name)``."""
+    return read_encoder_state(checkpoint_path, METHOD)

@@ -1,0 +1,118 @@
+"""The diffusion UNet shared by ``ddpm`` and ``cdpm_align``, its decoder taps and its fine-tuning backbone.
+
+Both methods build the same diffusers ``UNet2DModel`` (one greyscale channel in and out) from a preset's
+``"unet"`` dict, with FiLM conditioning (``resnet_time_scale_shift="scale_shift"``: every resnet block scales
+and shifts its normalised features with a projection of the time embedding). ``cdpm_align`` adds the dataset
+condition through diffusers' class embedding, whose vector is summed with the time embedding and therefore
+reaches every block through the same FiLM projection.
+
+The null condition ∅ is the last class index, and its embedding row is fixed at zero (``padding_idx``: zero
+at init, never a gradient, so AdamW's decoupled decay and the EMA keep it at zero). The unconditional path
+``f(x, t, ∅)`` is therefore exactly the plain, class-free UNet with the same weights: the time embedding
+alone drives FiLM.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from diffusers import UNet2DModel
+from torch import Tensor
+
+DEFAULT_BACKBONE_TIMESTEP = 0
+"""Timestep at which the fine-tuning backbone runs the UNet, on the clean image (no noise added).
+
+Di Via et al. (WACV 2025) fine-tune their DDPM UNet end to end as a pixel-wise classifier on clean images,
+calling it with no time embedding at all; diffusers' UNet always adds one, and ``t = 0`` (the least-noise
+end of the schedule, the input it saw with clean images) is the closest equivalent.
+"""
+
+
+def build_unet(config: dict, num_conditions: int | None = None) -> UNet2DModel:
+    """A one-channel FiLM UNet from a preset's ``"unet"`` dict (``UNet2DModel`` keyword arguments).
+
+    ``num_conditions`` datasets (``cdpm_align``) add a class embedding of ``num_conditions + 1`` rows, the
+    last being the null condition ∅, held at zero; ``None`` (``ddpm``) builds the same UNet without one.
+    """
+    unet = UNet2DModel(
+        in_channels=1,
+        out_channels=1,
+        resnet_time_scale_shift="scale_shift",
+        num_class_embeds=None if num_conditions is None else num_conditions + 1,
+        **config,
+    )
+    if num_conditions is not None:
+        null_index = num_conditions
+        unet.class_embedding.padding_idx = null_index
+        with torch.no_grad():
+            unet.class_embedding.weight[null_index].zero_()
+    return unet
+
+
+def null_condition_index(unet: UNet2DModel) -> int:
+    """The class index of the null condition ∅ (the last row of the class embedding)."""
+    if unet.class_embedding is None:
+        raise ValueError("this UNet has no class embedding, hence no null condition")
+    return unet.class_embedding.num_embeddings - 1
+
+
+def decoder_features(
+    unet: UNet2DModel, sample: Tensor, timestep: Tensor | int, class_labels: Tensor | None = None
+) -> tuple[Tensor, list[Tensor]]:
+    """Run the UNet and return its prediction with one decoder feature map per UNet scale.
+
+    Each up block contributes its hidden state just before its upsampler (the last block: its output), so a
+    four-level UNet gives four maps, coarsest first, at 1/8, 1/4, 1/2 and 1/1 of the input size, with the
+    up blocks' channel counts. Hooks are removed on return, so the UNet is left as it was.
+    """
+    features: list[Tensor] = []
+    handles = []
+    for block in unet.up_blocks:
+        if block.upsamplers:
+            handles.append(block.upsamplers[0].register_forward_pre_hook(lambda _, args: features.append(args[0])))
+        else:
+            handles.append(block.register_forward_hook(lambda _, __, output: features.append(output)))
+    try:
+        prediction = unet(sample, timestep, class_labels).sample
+    finally:
+        for handle in handles:
+            handle.remove()
+    return prediction, features
+
+
+class DiffusionBackbone(nn.Module):
+    """A pretrained UNet run end to end as a dense feature extractor for the landmark detector.
+
+    The image is mapped to the diffusion range [-1, 1] and, without added noise, passed through the UNet at
+    a fixed ``timestep`` with a fixed condition; the output is the UNet's last feature map (after its final
+    norm and activation) with ``conv_out`` removed, at full input resolution, so the detector adds its own
+    output layer for the landmark heatmaps.
+    """
+
+    def __init__(self, unet: UNet2DModel, timestep: int = DEFAULT_BACKBONE_TIMESTEP, condition_index: int | None = None):
+        super().__init__()
+        if (condition_index is None) != (unet.class_embedding is None):
+            raise ValueError(
+                "a conditional UNet needs a condition index and an unconditional one must have none "
+                f"(got condition_index={condition_index}, class embedding: {unet.class_embedding is not None})"
+            )
+        if condition_index is not None and not 0 <= condition_index < unet.class_embedding.num_embeddings:
+            raise ValueError(f"condition index {condition_index} outside the UNet's {unet.class_embedding.num_embeddings} conditions")
+        self.out_channels: int = unet.config.block_out_channels[0]
+        self.timestep = timestep
+        self.condition_index = condition_index
+        self.size_multiple = 2 ** (len(unet.config.block_out_channels) - 1)
+        unet.conv_out = nn.Identity()
+        self.unet = unet
+
+    def forward(self, image: Tensor) -> Tensor:
+        """(B, 1, H, W) image in [0, 1] to (B, out_channels, H, W) features; H and W divisible by ``size_multiple``."""
+        height, width = image.shape[-2:]
+        if height % self.size_multiple or width % self.size_multiple:
+            raise ValueError(f"image size {height}x{width} is not a multiple of {self.size_multiple}, as this UNet's levels need")
+        batch_size = image.shape[0]
+        timesteps = torch.full((batch_size,), self.timestep, dtype=torch.long, device=image.device)
+        class_labels = None
+        if self.condition_index is not None:
+            class_labels = torch.full((batch_size,), self.condition_index, dtype=torch.long, device=image.device)
+        return self.unet(image * 2 - 1, timesteps, class_labels).sample
