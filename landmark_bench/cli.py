@@ -80,6 +80,14 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     print(f"run folder: {record['run_dir']}  (training {record['train_seconds']:.1f} s)")
 
 
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from landmark_bench.pretrain import pretrain
+
+    record = pretrain(method=args.method, datasets=args.datasets, preset=args.preset, data_dir=args.data_dir,
+                      out=args.out, devices=args.devices, accelerator=args.accelerator, seed=args.seed)
+    print(f"{args.method} pretrained on {', '.join(args.datasets)}: {record['checkpoint']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="landmark-bench", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -114,6 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--devices", default=1, type=integer)
     finetune.add_argument("--accelerator", default="auto")
     finetune.set_defaults(run=cmd_finetune)
+    pretrain = commands.add_parser("pretrain", help="pretrain a method on unlabelled training images")
+    pretrain.add_argument("--method", required=True)
+    pretrain.add_argument("--datasets", nargs="+", default=["isbi2015", "aasce2019", "hand", "chest"])
+    pretrain.add_argument("--preset", default="cpu")
+    pretrain.add_argument("--data-dir")
+    pretrain.add_argument("--out")
+    pretrain.add_argument("--seed", type=integer, default=0)
+    pretrain.add_argument("--devices", default=1, type=integer)
+    pretrain.add_argument("--accelerator", default="auto")
+    pretrain.set_defaults(run=cmd_pretrain)
     return parser
 
 

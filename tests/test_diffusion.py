@@ -14,8 +14,14 @@ from landmark_bench.checkpoints import METHOD_KEY, CheckpointError
 from landmark_bench.losses import guidance_alignment_loss
 from landmark_bench.methods import cdpm_align, ddpm
 from landmark_bench.methods.cdpm_align import CDPMAlignPretrain, draw_timestep_pair
-from landmark_bench.methods.ddpm import EMA_PREFIX, DDPMPretrain, save_sample_grid, to_diffusion_range
-from landmark_bench.models.unet import DiffusionBackbone, build_unet, decoder_features, null_condition_index
+from landmark_bench.methods.ddpm import EMA_PREFIX, DDPMPretrain, save_sample_grid
+from landmark_bench.models.unet import (
+    DiffusionBackbone,
+    build_unet,
+    decoder_features,
+    null_condition_index,
+    to_diffusion_range,
+)
 from landmark_bench.presets import FINETUNE, PRESETS, UNET
 
 TINY_UNET = UNET["tiny"]
@@ -32,7 +38,8 @@ def disc_images(count: int) -> torch.Tensor:
 
 def loader(num_images: int = 8, batch_size: int = 4) -> DataLoader:
     images = disc_images(num_images)
-    items = [{"image": image, "dataset_index": torch.tensor(index % len(DATASETS))} for index, image in enumerate(images)]
+    labels = torch.arange(num_images) % len(DATASETS)
+    items = [{"image": image, "dataset_index": label} for image, label in zip(images, labels)]
     return DataLoader(items, batch_size=batch_size)
 
 
@@ -96,12 +103,13 @@ def test_null_condition_is_the_class_free_unet():
     assert null_condition_index(conditional) == 3
     assert torch.count_nonzero(conditional.class_embedding.weight[3]) == 0
     plain = build_unet(TINY_UNET)
-    weights = {name: value for name, value in conditional.state_dict().items() if not name.startswith("class_embedding.")}
+    weights = {name: value for name, value in conditional.state_dict().items() if "class_embedding" not in name}
     plain.load_state_dict(weights, strict=True)
     noisy, timesteps = torch.randn(3, 1, SIZE, SIZE), torch.tensor([0, 250, 999])
     null_output = conditional(noisy, timesteps, torch.full((3,), 3)).sample
     torch.testing.assert_close(null_output, plain(noisy, timesteps).sample, rtol=0, atol=1e-6)
-    assert not torch.allclose(conditional(noisy, timesteps, torch.zeros(3, dtype=torch.long)).sample, null_output, atol=1e-5)
+    first_dataset = conditional(noisy, timesteps, torch.zeros(3, dtype=torch.long)).sample
+    assert not torch.allclose(first_dataset, null_output, atol=1e-5)
 
 
 def test_decoder_features_are_the_four_decoder_scales():
@@ -170,7 +178,8 @@ def test_alignment_loss_absent_before_the_phase_and_logged_after(cdpm_run):
         cosines = [metrics[f"train/guidance_cosine_scale{scale}"] for scale in range(4)]
         assert all(-1 <= cosine <= 1 for cosine in cosines)
         assert metrics["train/align_loss"] == pytest.approx(1 - np.mean(cosines), abs=1e-5)
-        assert metrics["train/loss"] == pytest.approx(metrics["train/diffusion_loss"] + 0.1 * metrics["train/align_loss"], rel=1e-5)
+        expected_total = metrics["train/diffusion_loss"] + 0.1 * metrics["train/align_loss"]
+        assert metrics["train/loss"] == pytest.approx(expected_total, rel=1e-5)
 
 
 def test_null_embedding_stays_zero_through_training(cdpm_run):
@@ -183,7 +192,9 @@ def test_null_embedding_stays_zero_through_training(cdpm_run):
 def test_epsilon_loss_falls_on_a_fixed_batch():
     torch.manual_seed(0)
     images = disc_images(4)
-    module = DDPMPretrain(unet=TINY_UNET, dataset_names=DATASETS, max_steps=40, lr=3e-3, warmup_steps=0, lr_schedule="constant")
+    module = DDPMPretrain(
+        unet=TINY_UNET, dataset_names=DATASETS, max_steps=25, lr=3e-3, warmup_steps=0, lr_schedule="constant"
+    )
     generator = torch.Generator().manual_seed(1)
     clean = to_diffusion_range(images).repeat(8, 1, 1, 1)
     noise = torch.randn(clean.shape, generator=generator)
@@ -196,16 +207,23 @@ def test_epsilon_loss_falls_on_a_fixed_batch():
 
     before = held_out_loss()
     batch = [{"image": image, "dataset_index": torch.tensor(0)} for image in images]
-    quiet_trainer(40).fit(module, DataLoader(batch * 40, batch_size=4))
+    quiet_trainer(25).fit(module, DataLoader(batch * 25, batch_size=4))
     assert held_out_loss() < 0.5 * before
+
+
+def test_trainer_max_steps_must_match_the_schedule():
+    module = DDPMPretrain(unet=TINY_UNET, dataset_names=DATASETS, max_steps=6)
+    with pytest.raises(ValueError, match="max_steps"):
+        quiet_trainer(3).fit(module, loader())
 
 
 def test_checkpoint_round_trip_gives_exactly_the_ema_unet(cdpm_run):
     module, _, path = cdpm_run
     checkpoint = torch.load(path, weights_only=True)
     assert checkpoint[METHOD_KEY] == "cdpm_align"
-    ema = {name[len(EMA_PREFIX):]: value for name, value in checkpoint["state_dict"].items() if name.startswith(EMA_PREFIX)}
-    online = {name[len("unet."):]: value for name, value in checkpoint["state_dict"].items() if name.startswith("unet.")}
+    weights = checkpoint["state_dict"]
+    ema = {name[len(EMA_PREFIX):]: value for name, value in weights.items() if name.startswith(EMA_PREFIX)}
+    online = {name[len("unet."):]: value for name, value in weights.items() if name.startswith("unet.")}
     backbone = cdpm_align.build_backbone(str(path), "hand")
     loaded = backbone.unet.state_dict()
     assert set(loaded) == {name for name in ema if not name.startswith("conv_out.")}
@@ -250,8 +268,8 @@ def test_mismatched_unet_config_fails_loudly(ddpm_checkpoint, tmp_path):
 def test_sample_grid_has_a_row_per_condition(cdpm_run, ddpm_checkpoint, tmp_path):
     cdpm_module, _, _ = cdpm_run
     ddpm_module, _ = ddpm_checkpoint
-    conditional = imread(save_sample_grid(cdpm_module, tmp_path / "cdpm.png", num_per_condition=2, num_inference_steps=3))
-    plain = imread(save_sample_grid(ddpm_module, tmp_path / "ddpm.png", num_per_condition=2, num_inference_steps=3))
+    conditional = imread(save_sample_grid(cdpm_module, tmp_path / "c.png", num_per_condition=2, num_inference_steps=3))
+    plain = imread(save_sample_grid(ddpm_module, tmp_path / "d.png", num_per_condition=2, num_inference_steps=3))
     assert conditional.shape[0] > 2.5 * plain.shape[0]  # 3 rows (2 datasets + ∅) against 1
     assert [label for label, _ in cdpm_module.sample_conditions()] == [*DATASETS, "null ∅"]
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import socket
+import time
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -17,6 +19,7 @@ NUM_SAMPLES = 7  # odd: DistributedSampler pads rank 1 with a repeated sample
 NUM_LANDMARKS = 3
 WORLD_SIZE = 2
 BATCH_SIZE = 2
+WORKER_DEADLINE_S = 60
 
 
 def _sample(index: int) -> dict[str, torch.Tensor]:
@@ -45,8 +48,11 @@ def _evaluate(indices: list[int]) -> tuple[dict, dict]:
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
+    # a forked child cannot use the OpenMP pool of a parent that already ran torch ops (it hangs);
+    # one thread per child, as DataLoader workers do
+    pass
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=60)
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=WORKER_DEADLINE_S)
     )
     try:
         sampler = DistributedSampler(range(NUM_SAMPLES), num_replicas=WORLD_SIZE, rank=rank, shuffle=True, seed=3)
@@ -66,7 +72,15 @@ def _free_port() -> int:
 def test_ddp_result_equals_single_process_exactly(tmp_path: Path) -> None:
     # fork, not spawn: the children inherit the imported torch/torchmetrics instead of spending
     # several CPU-seconds each importing them again
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, start_method="fork")
+    context = mp.start_processes(
+        _worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=False, start_method="fork"
+    )
+    deadline = time.monotonic() + WORKER_DEADLINE_S
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"DDP workers did not finish within {WORKER_DEADLINE_S} s")
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
     seen = ranks[0]["indices"] + ranks[1]["indices"]
     assert len(seen) == NUM_SAMPLES + 1 and set(seen) == set(range(NUM_SAMPLES))  # one sample evaluated twice

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from landmark_bench.losses import guidance_alignment_loss
-from landmark_bench.methods.ddpm import DDPMPretrain, load_backbone, to_diffusion_range
-from landmark_bench.models.unet import DiffusionBackbone, decoder_features
+from landmark_bench.methods.ddpm import DDPMPretrain, load_backbone
+from landmark_bench.models.unet import DiffusionBackbone, decoder_features, to_diffusion_range
 
 
 def draw_timestep_pair(
@@ -83,7 +83,8 @@ class CDPMAlignPretrain(DDPMPretrain):
         return torch.where(dropped, torch.full_like(labels, self.null_index), labels)
 
     def sample_conditions(self) -> list[tuple[str, int | None]]:
-        return [*((name, index) for index, name in enumerate(self.hparams.dataset_names)), ("null ∅", self.null_index)]
+        datasets = [(name, index) for index, name in enumerate(self.hparams.dataset_names)]
+        return [*datasets, ("null ∅", self.null_index)]
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         if self.global_step < self.align_start_step:
@@ -114,7 +115,9 @@ class CDPMAlignPretrain(DDPMPretrain):
         )
         conditional_prediction, null_prediction = prediction.chunk(2)
         dropout = self.hparams.condition_dropout
-        diffusion_loss = (1 - dropout) * F.mse_loss(conditional_prediction, noise) + dropout * F.mse_loss(null_prediction, noise)
+        diffusion_loss = (
+            (1 - dropout) * F.mse_loss(conditional_prediction, noise) + dropout * F.mse_loss(null_prediction, noise)
+        )
 
         cond_1, cond_2, null_1, null_2 = zip(*(features[scale].chunk(4) for scale in self.align_scales), strict=True)
         align_loss, cosines = guidance_alignment_loss(list(cond_1), list(null_1), list(cond_2), list(null_2))

@@ -19,20 +19,16 @@ from torch import Tensor
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from landmark_bench.checkpoints import METHOD_KEY, CheckpointError, read_checkpoint, strip_prefix
-from landmark_bench.models.unet import DEFAULT_BACKBONE_TIMESTEP, DiffusionBackbone, build_unet
+from landmark_bench.models.unet import DEFAULT_BACKBONE_TIMESTEP, DiffusionBackbone, build_unet, to_diffusion_range
 
 EMA_PREFIX = "ema_unet.module."
-
-
-def to_diffusion_range(image: Tensor) -> Tensor:
-    """[0, 1] images to the [-1, 1] range the diffusion process is defined on."""
-    return image * 2 - 1
 
 
 class DDPMPretrain(L.LightningModule):
     """Unconditional ε-prediction DDPM pretraining of the shared UNet, with an EMA copy of its weights.
 
-    Subclasses set ``conditional`` to add the dataset condition and ``method_name`` to tag checkpoints.
+    A training batch holds ``"image"`` (B, 1, H, W) in [0, 1] and ``"dataset_index"`` (B,) long. Subclasses set
+    ``conditional`` to add the dataset condition and ``method_name`` to tag checkpoints.
     ``dataset_names`` (the pretraining datasets, in the order of ``batch["dataset_index"]``) is recorded for
     provenance here and is the condition vocabulary in ``cdpm_align``.
     """
@@ -54,7 +50,7 @@ class DDPMPretrain(L.LightningModule):
         num_train_timesteps: int = 1000,
         beta_schedule: str = "linear",
     ):
-        """``lr_schedule`` is a diffusers ``get_scheduler`` name; ``weight_decay`` follows diffusers' training example."""
+        """``lr_schedule``: a diffusers ``get_scheduler`` name; ``weight_decay``: as diffusers' training example."""
         super().__init__()
         self.save_hyperparameters()
         if not dataset_names:
@@ -63,6 +59,14 @@ class DDPMPretrain(L.LightningModule):
         self.ema_unet = AveragedModel(self.unet, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
         self.ema_unet.requires_grad_(False)
         self.noise_scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule)
+
+    def on_fit_start(self) -> None:
+        """The LR schedule (and cdpm_align's phases) are laid out over ``max_steps``: the Trainer must agree."""
+        if self.trainer.max_steps != self.hparams.max_steps:
+            raise ValueError(
+                f"Trainer(max_steps={self.trainer.max_steps}) differs from the module's "
+                f"max_steps={self.hparams.max_steps}"
+            )
 
     def training_condition(self, batch: dict) -> Tensor | None:
         """Class labels fed to the UNet during training; plain DDPM has none."""
@@ -87,7 +91,9 @@ class DDPMPretrain(L.LightningModule):
         return loss
 
     def configure_optimizers(self) -> dict:
-        optimizer = torch.optim.AdamW(self.unet.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        optimizer = torch.optim.AdamW(
+            self.unet.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
         scheduler = get_scheduler(
             self.hparams.lr_schedule,
             optimizer,
@@ -117,14 +123,18 @@ def load_backbone(
     checkpoint = read_checkpoint(checkpoint_path, expected_method=method.method_name)
     hparams = checkpoint.get("hyper_parameters")
     if not hparams or "unet" not in hparams or "dataset_names" not in hparams:
-        raise CheckpointError(f"checkpoint {checkpoint_path} lacks the UNet config or dataset names in 'hyper_parameters'")
+        raise CheckpointError(
+            f"checkpoint {checkpoint_path} lacks the UNet config or dataset names in 'hyper_parameters'"
+        )
     dataset_names = list(hparams["dataset_names"])
     unet = build_unet(hparams["unet"], num_conditions=len(dataset_names) if method.conditional else None)
     ema_weights = strip_prefix(checkpoint["state_dict"], EMA_PREFIX, checkpoint_path)
     try:
         unet.load_state_dict(ema_weights, strict=True)
     except RuntimeError as error:
-        raise CheckpointError(f"checkpoint {checkpoint_path}: EMA weights do not fit the saved UNet config ({error})") from None
+        raise CheckpointError(
+            f"checkpoint {checkpoint_path}: EMA weights do not fit the saved UNet config ({error})"
+        ) from None
     condition_index = None
     if method.conditional:
         condition_index = dataset_names.index(dataset_name) if dataset_name in dataset_names else len(dataset_names)

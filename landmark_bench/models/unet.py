@@ -28,6 +28,11 @@ end of the schedule, the input it saw with clean images) is the closest equivale
 """
 
 
+def to_diffusion_range(image: Tensor) -> Tensor:
+    """[0, 1] images to the [-1, 1] range the diffusion process is defined on."""
+    return image * 2 - 1
+
+
 def build_unet(config: dict, num_conditions: int | None = None) -> UNet2DModel:
     """A one-channel FiLM UNet from a preset's ``"unet"`` dict (``UNet2DModel`` keyword arguments).
 
@@ -89,7 +94,9 @@ class DiffusionBackbone(nn.Module):
     output layer for the landmark heatmaps.
     """
 
-    def __init__(self, unet: UNet2DModel, timestep: int = DEFAULT_BACKBONE_TIMESTEP, condition_index: int | None = None):
+    def __init__(
+        self, unet: UNet2DModel, timestep: int = DEFAULT_BACKBONE_TIMESTEP, condition_index: int | None = None
+    ):
         super().__init__()
         if (condition_index is None) != (unet.class_embedding is None):
             raise ValueError(
@@ -97,7 +104,9 @@ class DiffusionBackbone(nn.Module):
                 f"(got condition_index={condition_index}, class embedding: {unet.class_embedding is not None})"
             )
         if condition_index is not None and not 0 <= condition_index < unet.class_embedding.num_embeddings:
-            raise ValueError(f"condition index {condition_index} outside the UNet's {unet.class_embedding.num_embeddings} conditions")
+            raise ValueError(
+                f"condition index {condition_index} outside the UNet's {unet.class_embedding.num_embeddings} conditions"
+            )
         self.out_channels: int = unet.config.block_out_channels[0]
         self.timestep = timestep
         self.condition_index = condition_index
@@ -109,10 +118,12 @@ class DiffusionBackbone(nn.Module):
         """(B, 1, H, W) image in [0, 1] to (B, out_channels, H, W) features; H and W divisible by ``size_multiple``."""
         height, width = image.shape[-2:]
         if height % self.size_multiple or width % self.size_multiple:
-            raise ValueError(f"image size {height}x{width} is not a multiple of {self.size_multiple}, as this UNet's levels need")
+            raise ValueError(
+                f"image size {height}x{width} is not a multiple of {self.size_multiple}, as this UNet's levels need"
+            )
         batch_size = image.shape[0]
         timesteps = torch.full((batch_size,), self.timestep, dtype=torch.long, device=image.device)
         class_labels = None
         if self.condition_index is not None:
             class_labels = torch.full((batch_size,), self.condition_index, dtype=torch.long, device=image.device)
-        return self.unet(image * 2 - 1, timesteps, class_labels).sample
+        return self.unet(to_diffusion_range(image), timesteps, class_labels).sample

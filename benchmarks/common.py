@@ -1,0 +1,41 @@
+"""What every benchmark script shares: the machine description and appending to RESULTS.md."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import sys
+from datetime import datetime, timezone
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def machine() -> str:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    packages = ", ".join(f"{name} {version(name)}" for name in ("torch", "lightning", "timm", "diffusers", "lightly"))
+    return f"{platform.machine()}, {cores} cores, {device}, Python {platform.python_version()}, {packages}"
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def report(title: str, table: str, notes: str = "", append: bool = True) -> None:
+    """Print the table and append it to RESULTS.md with the command, machine and date."""
+    command = "python " + " ".join(shlex.quote(arg) for arg in [os.path.relpath(sys.argv[0]), *sys.argv[1:]])
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    section = f"\n### {title}\n\n`{command}`  \n{stamp}; {machine()}\n\n{table}\n"
+    if notes:
+        section += f"\n{notes}\n"
+    print(section)
+    if append:
+        with RESULTS.open("a") as stream:
+            stream.write(section)
