@@ -73,7 +73,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
     record = finetune(method=args.method, dataset=args.dataset, shots=args.shots, seed=args.seed, preset=args.preset,
                       data_dir=args.data_dir, out=args.out, pretrained=args.pretrained, devices=args.devices,
-                      accelerator=args.accelerator, reader_options=reader_options(args))
+                      accelerator=args.accelerator, reader_options=reader_options(args), wandb_group=args.wandb_group)
     for split, result in record["metrics"].items():
         if split != "val":
             print(format_metrics(result, f"{args.method} {args.dataset} {split}"))
@@ -84,8 +84,35 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from landmark_bench.pretrain import pretrain
 
     record = pretrain(method=args.method, datasets=args.datasets, preset=args.preset, data_dir=args.data_dir,
-                      out=args.out, devices=args.devices, accelerator=args.accelerator, seed=args.seed)
+                      out=args.out, devices=args.devices, accelerator=args.accelerator, seed=args.seed,
+                      wandb_group=args.wandb_group)
     print(f"{args.method} pretrained on {', '.join(args.datasets)}: {record['checkpoint']}")
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from landmark_bench.sweep import run_sweep
+
+    slurm = dict(item.split("=", 1) for item in args.slurm) if args.slurm else None
+    results = run_sweep(out=args.out, methods=args.methods, datasets=args.datasets, shots=args.shots, seeds=args.seeds,
+                        preset=args.preset, data_dir=args.data_dir, launcher=args.launcher, slots=args.slots,
+                        pretrain_datasets=args.pretrain_datasets, dry_run=args.dry_run, slurm=slurm,
+                        devices=args.devices)
+    if results is not None:
+        publish_leaderboard(Path(args.out))
+
+
+def publish_leaderboard(sweep_dir: Path) -> None:
+    from landmark_bench.leaderboard import build_leaderboard
+    from landmark_bench.tracking import log_leaderboard
+
+    paths = build_leaderboard(sweep_dir / "results.csv", sweep_dir / "leaderboard")
+    print(Path(paths["markdown"]).read_text())
+    log_leaderboard(sweep_dir, paths)
+    print("files:\n" + "\n".join(f"  {name}: {path}" for name, path in paths.items()))
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> None:
+    publish_leaderboard(Path(args.sweep_dir))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--ground-truth", choices=["mean", "senior", "junior"])
     finetune.add_argument("--devices", default=1, type=integer)
     finetune.add_argument("--accelerator", default="auto")
+    finetune.add_argument("--wandb-group", help="W&B group (the sweep's name)")
     finetune.set_defaults(run=cmd_finetune)
     pretrain = commands.add_parser("pretrain", help="pretrain a method on unlabelled training images")
     pretrain.add_argument("--method", required=True)
@@ -131,7 +159,27 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--seed", type=integer, default=0)
     pretrain.add_argument("--devices", default=1, type=integer)
     pretrain.add_argument("--accelerator", default="auto")
+    pretrain.add_argument("--wandb-group", help="W&B group (the sweep's name)")
     pretrain.set_defaults(run=cmd_pretrain)
+    sweep = commands.add_parser("sweep", help="methods x datasets x shots x seeds, resumable, then the leaderboard")
+    sweep.add_argument("--methods", nargs="+", required=True)
+    sweep.add_argument("--datasets", nargs="+", default=["phantom"])
+    sweep.add_argument("--shots", nargs="+", type=shots_value, default=[10])
+    sweep.add_argument("--seeds", nargs="+", type=integer, default=[0, 1, 2])
+    sweep.add_argument("--preset", default="cpu")
+    sweep.add_argument("--data-dir")
+    sweep.add_argument("--out", required=True)
+    sweep.add_argument("--pretrain-datasets", nargs="+", help="default: isbi2015 aasce2019 hand chest (phantom: itself)")
+    sweep.add_argument("--launcher", default="inprocess", help="inprocess, local, slurm, submitit-local, submitit-debug")
+    sweep.add_argument("--slots", nargs="+", help="local launcher: cuda:0 cuda:1 ... (or cpu cpu for CPU processes)")
+    sweep.add_argument("--slurm", nargs="*", help="slurm launcher parameters, e.g. slurm_partition=gpu gpus_per_node=1")
+    sweep.add_argument("--devices", type=integer, default=1, help="devices per job (Lightning DDP when > 1)")
+    sweep.add_argument("--dry-run", action="store_true", help="print the plan, what is done and the estimated cost")
+    sweep.set_defaults(run=cmd_sweep)
+
+    leaderboard = commands.add_parser("leaderboard", help="tables and figures from a sweep's results.csv")
+    leaderboard.add_argument("sweep_dir")
+    leaderboard.set_defaults(run=cmd_leaderboard)
     return parser
 
 

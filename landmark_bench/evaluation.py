@@ -178,9 +178,10 @@ class LandmarkEvaluation(L.Callback):
         write_csv(self.out_dir / "errors.csv", pd.DataFrame(rows, columns=columns))
         write_json(self.out_dir / "metrics.json", {split: self.results[split] for split in [*parts, pooled] if split in self.results})
         if self.figure_batch is not None:
-            from landmark_bench.figures import save_heatmap_figure
+            from landmark_bench.figures import save_heatmap_figure, save_overlay
 
             save_heatmap_figure(self.figure_batch, self.out_dir / "heatmaps.png")
+            save_overlay(self.figure_batch, datamodule.datasets[parts[0]].records[0].image_id, self.out_dir / "overlay.npz")
 
 
 def flat_scalars(result: dict) -> dict[str, float]:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import lightning.pytorch as L
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, Logger
 
 from landmark_bench.data.datamodule import LandmarkDataModule, parse_shots
 from landmark_bench.evaluation import LandmarkEvaluation
@@ -19,6 +18,7 @@ from landmark_bench.io import write_json
 from landmark_bench.methods import FINETUNE_METHODS, check_method
 from landmark_bench.models.detector import LandmarkDetector, MeanShapeReference
 from landmark_bench.presets import get_preset
+from landmark_bench.tracking import finish, run_loggers
 
 
 def code_version() -> str:
@@ -54,7 +54,7 @@ def finetune(
     pretrained: str | None = None,
     devices: int | str = 1,
     accelerator: str = "auto",
-    logger: Logger | None = None,
+    wandb_group: str | None = None,
     overrides: dict | None = None,
     reader_options: dict | None = None,
 ) -> dict:
@@ -78,6 +78,7 @@ def finetune(
     record = {**config, "config_hash": config_hash(config), "code_version": code_version(), "run_dir": str(out)}
     write_json(out / "status.json", {"status": "running"})
     started = time.perf_counter()
+    loggers = []
     try:
         L.seed_everything(seed, workers=True, verbose=False)
         datamodule = LandmarkDataModule(
@@ -90,7 +91,8 @@ def finetune(
         record["subset_ids"] = datamodule.subset_ids
         write_json(out / "config.json", {**config, "subset_ids": datamodule.subset_ids, "config_hash": record["config_hash"]})
         evaluation = LandmarkEvaluation(out)
-        trainer_args = dict(accelerator=accelerator, devices=devices, logger=logger or CSVLogger(out, name="logs"),
+        loggers = run_loggers(out, out.name, wandb_group, [method, dataset, f"shots={shots}", f"seed={seed}"], config)
+        trainer_args = dict(accelerator=accelerator, devices=devices, logger=loggers,
                             default_root_dir=out, enable_model_summary=False, num_sanity_val_steps=0,
                             precision=cfg["precision"], deterministic=cfg["deterministic"],
                             enable_progress_bar=cfg["progress_bar"])
@@ -125,6 +127,8 @@ def finetune(
         write_json(out / "status.json", {"status": "failed", "reason": record["reason"],
                                          "traceback": traceback.format_exc()})
         raise
+    finally:
+        finish(loggers)
     write_json(out / "status.json", {"status": "done", "wall_seconds": record["wall_seconds"],
                                      "train_seconds": record["train_seconds"]})
     write_json(out / "run.json", record)

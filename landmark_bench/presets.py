@@ -14,7 +14,7 @@ _FINETUNE_COMMON = {
     "sigma": 2.0,  # Gaussian target, network pixels
     "augment": True,
     "loss": "softmax_ce",
-    "refine_window": 2,
+    "refine_window": 6,  # 3 sigma: the window mean is unbiased for the target width (see decode_heatmaps)
     "weight_decay": 1e-4,
     "num_workers": 0,
     "precision": "32-true",
@@ -89,9 +89,20 @@ PRESETS: dict[str, dict] = {
     },
 }
 
+# Cost model of the sweep's dry run (seconds; per optimiser step where it says so), measured on the machine
+# named in benchmarks/RESULTS.md ("Sweep cost"): start-up of a run, evaluation of val + test, and step times.
+ESTIMATE: dict[str, dict] = {
+    "tiny": {"startup": 5.0, "evaluation": 2.0, "finetune_step": {"encoder": 0.1, "diffusion": 0.1},
+             "pretrain_step": {"ddpm": 0.1, "cdpm_align": 0.15, "simclr": 0.1, "moco": 0.1, "dino": 0.2}},
+    "cpu": {"startup": 15.0, "evaluation": 15.0, "finetune_step": {"encoder": 0.15, "diffusion": 0.3},
+            "pretrain_step": {"ddpm": 0.4, "cdpm_align": 0.5, "simclr": 0.5, "moco": 0.5, "dino": 0.8}},
+    "paper": {"startup": 30.0, "evaluation": 30.0, "finetune_step": {"encoder": 0.05, "diffusion": 0.1},
+              "pretrain_step": {"ddpm": 0.1, "cdpm_align": 0.12, "simclr": 0.1, "moco": 0.1, "dino": 0.15}},
+}
+
 
 def get_preset(name: str) -> dict:
     """A deep copy of preset ``name``; unknown names list the valid ones."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
-    return copy.deepcopy(PRESETS[name])
+    return copy.deepcopy({**PRESETS[name], "estimate": ESTIMATE[name]})

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import lightning.pytorch as L
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, Logger
 
 from landmark_bench.data.datamodule import UnlabeledDataModule
 from landmark_bench.finetune import code_version, config_hash
 from landmark_bench.io import atomic_write, write_json
 from landmark_bench.methods import DIFFUSION_METHODS, PRETRAINING, check_method, method_module, pretraining_class
 from landmark_bench.presets import get_preset
+from landmark_bench.tracking import finish, run_loggers
 
 DEFAULT_PRETRAINING_DATASETS = ("isbi2015", "aasce2019", "hand", "chest")
 DATA_KEYS = ("resolution", "batch_size", "num_workers")
@@ -31,7 +31,7 @@ def pretrain(
     out: str | Path | None = None,
     devices: int | str = 1,
     accelerator: str = "auto",
-    logger: Logger | None = None,
+    wandb_group: str | None = None,
     overrides: dict | None = None,
     seed: int = 0,
 ) -> dict:
@@ -54,6 +54,7 @@ def pretrain(
     write_json(out / "status.json", {"status": "running"})
     write_json(out / "config.json", record)
     started = time.perf_counter()
+    loggers = []
     try:
         L.seed_everything(seed, workers=True, verbose=False)
         module_kwargs = {key: value for key, value in cfg.items() if key not in DATA_KEYS and key != "views"}
@@ -65,12 +66,13 @@ def pretrain(
             module_kwargs.update(encoder=settings["encoder"])
             transform = module.views_transform(**cfg.get("views", {}))
         model = pretraining_class(method)(**module_kwargs)
+        loggers = run_loggers(out, out.name, wandb_group, [method, "pretrain", *datasets], config)
         datamodule = UnlabeledDataModule(datasets, data_dir, resolution=cfg["resolution"], batch_size=cfg["batch_size"],
                                          transform=transform, num_workers=cfg.get("num_workers", 0))
         periodic = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0,
                                    every_n_train_steps=max(1, cfg["max_steps"] // 10))
         trainer = L.Trainer(max_steps=cfg["max_steps"], max_epochs=-1, accelerator=accelerator, devices=devices,
-                            logger=logger or CSVLogger(out, name="logs"), callbacks=[periodic],
+                            logger=loggers, callbacks=[periodic],
                             enable_model_summary=False, enable_progress_bar=False, default_root_dir=out,
                             precision=cfg.get("precision", "32-true"))
         last = out / "checkpoints" / "last.ckpt"
@@ -87,6 +89,8 @@ def pretrain(
         write_json(out / "status.json", {"status": "failed", "reason": f"{type(error).__name__}: {error}",
                                          "traceback": traceback.format_exc()})
         raise
+    finally:
+        finish(loggers)
     write_json(out / "status.json", {"status": "done", "wall_seconds": record["wall_seconds"]})
     write_json(out / "run.json", record)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)

@@ -50,7 +50,7 @@ def _evaluate(indices: list[int]) -> tuple[dict, dict]:
 def _worker(rank: int, port: int, out_dir: str) -> None:
     # a forked child cannot use the OpenMP pool of a parent that already ran torch ops (it hangs);
     # one thread per child, as DataLoader workers do
-    pass
+    torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=WORKER_DEADLINE_S)
     )

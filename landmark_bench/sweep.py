@@ -1,0 +1,297 @@
+"""The sweep: methods x datasets x shots x seeds, each pretraining once, resumable, rows from run folders.
+
+A fine-tune job is done when its run folder holds ``run.json`` (written atomically, last); it failed when
+its ``status.json`` says so. ``results.csv`` is rebuilt from the run folders after every job, one row per
+finished job, so a sweep killed at any point and started again neither loses nor repeats a row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from queue import Queue
+
+import numpy as np
+import pandas as pd
+
+from landmark_bench.data.datamodule import parse_shots
+from landmark_bench.io import write_csv, write_json
+from landmark_bench.methods import FINETUNE_METHODS, PRETRAINING, check_method
+from landmark_bench.presets import get_preset
+from landmark_bench.pretrain import CHECKPOINT_NAME, DEFAULT_PRETRAINING_DATASETS
+
+LAUNCHERS = ("inprocess", "local", "slurm", "submitit-local", "submitit-debug")
+
+
+@dataclass(frozen=True)
+class PretrainJob:
+    method: str
+    datasets: tuple[str, ...]
+    preset: str
+    out: str
+
+    @property
+    def checkpoint(self) -> Path:
+        return Path(self.out) / CHECKPOINT_NAME
+
+    def state(self) -> str:
+        return "done" if self.checkpoint.is_file() else read_status(Path(self.out))
+
+
+@dataclass(frozen=True)
+class FinetuneJob:
+    method: str
+    dataset: str
+    shots: int | str
+    seed: int
+    preset: str
+    out: str
+    pretrained: str | None = None
+
+    def state(self) -> str:
+        return "done" if (Path(self.out) / "run.json").is_file() else read_status(Path(self.out))
+
+
+def read_status(folder: Path) -> str:
+    try:
+        return json.loads((folder / "status.json").read_text())["status"]
+    except (OSError, ValueError, KeyError):
+        return "pending"
+
+
+def plan(
+    out: Path, methods: list[str], datasets: list[str], shots: list[int | str], seeds: list[int], preset: str,
+    pretrain_datasets: list[str] | None = None,
+) -> tuple[list[PretrainJob], list[FinetuneJob]]:
+    """Every pretraining once (shared by all fine-tunes of its method), then every fine-tune."""
+    get_preset(preset)
+    for method in methods:
+        check_method(method, FINETUNE_METHODS)
+    corpus = tuple(pretrain_datasets or (DEFAULT_PRETRAINING_DATASETS if "phantom" not in datasets else datasets))
+    pretraining = {method: PretrainJob(method, corpus, preset, str(out / "pretrain" / method))
+                   for method in methods if method in PRETRAINING}
+    finetunes = [
+        FinetuneJob(method, dataset, parse_shots(shot), seed, preset,
+                    str(out / "runs" / f"{method}-{dataset}-{parse_shots(shot)}shot-seed{seed}"),
+                    str(pretraining[method].checkpoint) if method in pretraining else None)
+        for dataset in datasets for shot in shots for seed in seeds for method in methods
+    ]
+    return list(pretraining.values()), finetunes
+
+
+def estimate_seconds(job: PretrainJob | FinetuneJob) -> float:
+    """The preset's own per-step estimate times the steps, plus a fixed start-up and evaluation cost."""
+    settings = get_preset(job.preset)
+    if isinstance(job, PretrainJob):
+        steps = settings["pretrain"][job.method]["max_steps"]
+        return settings["estimate"]["startup"] + steps * settings["estimate"]["pretrain_step"][job.method]
+    if job.method == "mean_shape":
+        return settings["estimate"]["startup"]
+    family = "diffusion" if job.method in ("ddpm", "cdpm_align") else "encoder"
+    return (settings["estimate"]["startup"] + settings["estimate"]["evaluation"]
+            + settings["finetune"]["max_steps"] * settings["estimate"]["finetune_step"][family])
+
+
+def describe(pretraining: list[PretrainJob], finetunes: list[FinetuneJob]) -> str:
+    lines, total = [], 0.0
+    for job in [*pretraining, *finetunes]:
+        state = job.state()
+        cost = 0.0 if state == "done" else estimate_seconds(job)
+        total += cost
+        what = (f"pretrain {job.method} on {'+'.join(job.datasets)}" if isinstance(job, PretrainJob)
+                else f"finetune {job.method} {job.dataset} {job.shots}-shot seed {job.seed}")
+        lines.append(f"  [{state:>7}] {what:<55} ~{cost / 60:5.1f} min")
+    done = sum(job.state() == "done" for job in [*pretraining, *finetunes])
+    lines.append(f"{len(pretraining)} pretrainings, {len(finetunes)} fine-tunes, {done} done; "
+                 f"estimated remaining time {total / 60:.1f} min")
+    return "\n".join(lines)
+
+
+# --- running jobs ------------------------------------------------------------------------------------
+
+
+def job_arguments(job: PretrainJob | FinetuneJob, data_dir: str | None, group: str, devices: int) -> list[str]:
+    """The ``landmark-bench`` argument list of a job: never a shell string."""
+    common = ["--preset", job.preset, "--out", job.out, "--devices", str(devices), "--wandb-group", group]
+    if data_dir:
+        common += ["--data-dir", str(data_dir)]
+    if isinstance(job, PretrainJob):
+        return ["pretrain", "--method", job.method, "--datasets", *job.datasets, *common]
+    args = ["finetune", "--method", job.method, "--dataset", job.dataset, "--shots", str(job.shots),
+            "--seed", str(job.seed), *common]
+    return args + (["--pretrained", job.pretrained] if job.pretrained else [])
+
+
+def execute(job: PretrainJob | FinetuneJob, data_dir: str | None, group: str, devices: int = 1) -> str:
+    """Run one job in this process; a failure is recorded in its folder and reported, never raised."""
+    from landmark_bench.cli import main
+
+    code = main(job_arguments(job, data_dir, group, devices))
+    return "done" if code == 0 and job.state() == "done" else "failed"
+
+
+def run_subprocess(job: PretrainJob | FinetuneJob, data_dir: str | None, group: str, slot: str) -> str:
+    env = dict(os.environ)
+    if slot.startswith("cuda:"):
+        env["CUDA_VISIBLE_DEVICES"] = slot.split(":", 1)[1]
+    log = Path(job.out) / "job.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as stream:
+        subprocess.run([sys.executable, "-m", "landmark_bench.cli", *job_arguments(job, data_dir, group, 1)],
+                       env=env, stdout=stream, stderr=subprocess.STDOUT, check=False)
+    if job.state() not in ("done", "failed"):  # killed before it could record anything
+        write_json(Path(job.out) / "status.json", {"status": "failed", "reason": f"process ended, see {log}"})
+    return job.state()
+
+
+class Runner:
+    """Runs a list of jobs: in this process, on local device slots, or through submitit (SLURM)."""
+
+    def __init__(self, launcher: str, data_dir: str | None, group: str, slots: list[str], folder: Path,
+                 slurm: dict | None = None, devices: int = 1):
+        if launcher not in LAUNCHERS:
+            raise ValueError(f"unknown launcher {launcher!r}; valid launchers: {', '.join(LAUNCHERS)}")
+        self.launcher, self.data_dir, self.group, self.slots = launcher, data_dir, group, slots
+        self.folder, self.slurm, self.devices = folder, slurm or {}, devices
+
+    def run(self, jobs: list, on_finish) -> None:
+        pending = [job for job in jobs if job.state() != "done"]
+        if not pending:
+            return
+        if self.launcher == "inprocess":
+            for job in pending:
+                execute(job, self.data_dir, self.group, self.devices)
+                on_finish(job)
+        elif self.launcher == "local":
+            free: Queue[str] = Queue()
+            for slot in self.slots:
+                free.put(slot)
+
+            def on_slot(job):
+                slot = free.get()
+                try:
+                    run_subprocess(job, self.data_dir, self.group, slot)
+                finally:
+                    free.put(slot)
+                on_finish(job)
+
+            with ThreadPoolExecutor(max_workers=len(self.slots)) as pool:
+                list(pool.map(on_slot, pending))
+        else:
+            self._run_submitit(pending, on_finish)
+
+    def _run_submitit(self, jobs: list, on_finish) -> None:
+        import submitit
+
+        cluster = {"slurm": "slurm", "submitit-local": "local", "submitit-debug": "debug"}[self.launcher]
+        executor = submitit.AutoExecutor(folder=self.folder / "submitit", cluster=cluster)
+        executor.update_parameters(**({"timeout_min": 240, **self.slurm} if cluster == "slurm" else {"timeout_min": 240}))
+        submitted = [(job, executor.submit(execute, job, self.data_dir, self.group, self.devices)) for job in jobs]
+        for job, handle in submitted:
+            try:
+                handle.result()
+            except Exception as error:  # the job's own folder records the reason when it got that far
+                if job.state() != "failed":
+                    write_json(Path(job.out) / "status.json", {"status": "failed", "reason": str(error)[-2000:]})
+            on_finish(job)
+
+
+# --- rows --------------------------------------------------------------------------------------------
+
+
+def flatten_metrics(metrics: dict) -> dict:
+    row = {}
+    for split, result in metrics.items():
+        for key in ("mre", "mre_std", "ere", "n_images"):
+            row[f"{split}_{key}"] = result.get(key)
+        for threshold, value in result["sdr"].items():
+            row[f"{split}_sdr_{float(threshold)}"] = value
+        row["unit"] = result["unit"]
+    return row
+
+
+def job_row(job: FinetuneJob) -> dict | None:
+    """The result row of a finished job, or None while it is pending."""
+    base = {"method": job.method, "dataset": job.dataset, "shots": str(job.shots), "seed": job.seed,
+            "preset": job.preset, "run_dir": str(Path(job.out).resolve())}
+    state = job.state()
+    if state == "done":
+        record = json.loads((Path(job.out) / "run.json").read_text())
+        return {**base, "status": "done", "reason": "", "subset_ids": " ".join(record.get("subset_ids", [])),
+                "config_hash": record["config_hash"], "code_version": record["code_version"],
+                "checkpoint": record.get("best_checkpoint", ""), "pretrained": job.pretrained or "",
+                "wall_seconds": record["wall_seconds"], "train_seconds": record["train_seconds"],
+                **flatten_metrics(record["metrics"])}
+    if state == "failed":
+        status = json.loads((Path(job.out) / "status.json").read_text())
+        return {**base, "status": "failed", "reason": status.get("reason", "unknown")}
+    return None
+
+
+def inter_observer_row(data_dir: str) -> dict:
+    """ISBI reference: the junior doctor's points scored against the senior doctor's, on each test split."""
+    from landmark_bench.data.registry import get_reader
+    from landmark_bench.evaluation import metric_for, update_from_points
+
+    senior, junior = get_reader("isbi2015", data_dir, ground_truth="senior"), get_reader("isbi2015", data_dir, ground_truth="junior")
+    metrics = {}
+    for split in ("test1", "test2", "test"):
+        records = senior.records(split)
+        metric = metric_for(records)
+        update_from_points(metric, records, np.stack([record.landmarks for record in junior.records(split)]))
+        metrics[split] = metric.compute()
+    return {"method": "inter_observer", "dataset": "isbi2015", "shots": "", "seed": np.nan, "status": "done",
+            "reason": "", **flatten_metrics(metrics)}
+
+
+def write_results(out: Path, finetunes: list[FinetuneJob], data_dir: str | None) -> pd.DataFrame:
+    rows = [row for row in map(job_row, finetunes) if row is not None]
+    if data_dir and any(job.dataset == "isbi2015" for job in finetunes):
+        rows.append(inter_observer_row(data_dir))
+    frame = pd.DataFrame(rows)
+    write_csv(out / "results.csv", frame)
+    return frame
+
+
+def run_sweep(
+    *, out: str | Path, methods: list[str], datasets: list[str], shots: list, seeds: list[int], preset: str = "cpu",
+    data_dir: str | None = None, launcher: str = "inprocess", slots: list[str] | None = None,
+    pretrain_datasets: list[str] | None = None, dry_run: bool = False, slurm: dict | None = None, devices: int = 1,
+) -> pd.DataFrame | None:
+    """Plan, run what is not done yet, rebuild ``results.csv`` and the leaderboard; ``dry_run`` only prints."""
+    out = Path(out)
+    pretraining, finetunes = plan(out, methods, datasets, shots, seeds, preset, pretrain_datasets)
+    print(describe(pretraining, finetunes), flush=True)
+    if dry_run:
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    group = out.resolve().name
+    write_json(out / "sweep.json", {"methods": methods, "datasets": datasets, "shots": [str(s) for s in shots],
+                                    "seeds": seeds, "preset": preset, "data_dir": data_dir, "launcher": launcher,
+                                    "pretrain_datasets": list(pretraining[0].datasets) if pretraining else None})
+    runner = Runner(launcher, data_dir, group, slots or ["cpu"], out, slurm, devices)
+    started = time.perf_counter()
+    total = len(pretraining) + len(finetunes)
+
+    def progress(job) -> None:
+        finished = sum(j.state() in ("done", "failed") for j in [*pretraining, *finetunes])
+        print(f"[{finished}/{total}] {job.state()}: {Path(job.out).name} ({(time.perf_counter() - started) / 60:.1f} min)",
+              flush=True)
+        if isinstance(job, FinetuneJob):
+            write_results(out, finetunes, None)
+
+    runner.run(pretraining, progress)
+    failed = {job.method: job for job in pretraining if job.state() != "done"}
+    for job in finetunes:
+        if job.method in failed and job.state() != "done":
+            Path(job.out).mkdir(parents=True, exist_ok=True)
+            write_json(Path(job.out) / "status.json",
+                       {"status": "failed", "reason": f"pretraining {job.method} failed, see {failed[job.method].out}"})
+    runner.run([job for job in finetunes if job.method not in failed], progress)
+    return write_results(out, finetunes, data_dir)
