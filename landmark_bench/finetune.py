@@ -75,7 +75,8 @@ def finetune(
     config = {"method": method, "dataset": dataset, "shots": shots, "seed": seed, "preset": preset,
               "encoder": settings["encoder"], "pretrained": pretrained, "finetune": cfg,
               "reader_options": reader_options or {}}
-    record = {**config, "config_hash": config_hash(config), "code_version": code_version(), "run_dir": str(out)}
+    record = {**config, "config_hash": config_hash(config), "code_version": code_version(), "run_dir": str(out),
+              "started_at": time.time()}
     write_json(out / "status.json", {"status": "running"})
     started = time.perf_counter()
     loggers = []
@@ -119,8 +120,7 @@ def finetune(
             record["best_val_mre"] = float(checkpoint.best_model_score)
             trainer.test(model, datamodule=datamodule, ckpt_path="best", verbose=False)
         record["metrics"] = evaluation.results
-        record["wall_seconds"] = time.perf_counter() - started
-        record["status"] = "done"
+        record.update(wall_seconds=time.perf_counter() - started, finished_at=time.time(), status="done")
     except BaseException as error:
         record.update(status="failed", reason=f"{type(error).__name__}: {error}",
                       wall_seconds=time.perf_counter() - started)

@@ -44,6 +44,7 @@ class DINO(MomentumPretrainer):
         head_hidden_dim: int = 2048,
         bottleneck_dim: int = 256,
         output_dim: int = 2048,
+        head_batch_norm: bool = False,
         freeze_last_layer_epochs: int = 1,
         student_temp: float = 0.1,
         warmup_teacher_temp: float = 0.04,
@@ -71,6 +72,7 @@ class DINO(MomentumPretrainer):
                 hidden_dim=head_hidden_dim,
                 bottleneck_dim=bottleneck_dim,
                 output_dim=output_dim,
+                batch_norm=head_batch_norm,
                 freeze_last_layer=freeze_last_layer_epochs,
             )
             for _ in range(2)

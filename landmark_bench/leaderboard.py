@@ -1,0 +1,518 @@
+"""Leaderboards and figures of a sweep, built from its ``results.csv`` rows only (plus the per-image
+errors and overlay arrays the rows point to), so every printed number traces back to a run.
+
+One table per (dataset, test split, shots): a row per method, MRE/ERE as mean ± std over seeds of each
+seed's value, SDR as the mean over seeds, the best value per column marked, and a paired Wilcoxon
+signed-rank test of each method against the best-MRE one. A method with fewer finished seeds than
+expected is shown as incomplete, never averaged over the seeds that happened to finish: a reviewer
+would otherwise compare a 2-seed mean with 3-seed means without knowing it.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from scipy.stats import wilcoxon  # noqa: E402
+
+from landmark_bench.io import atomic_write, atomic_write_text, write_csv  # noqa: E402
+
+METHOD_ORDER = ("mean_shape", "scratch", "imagenet", "simclr", "moco", "dino", "ddpm", "cdpm_align")
+REFERENCE = "inter_observer"  # junior vs senior doctor on ISBI: a human reference line, not a competitor
+BASELINE = "mean_shape"  # no heatmap, no ERE
+PREFERRED_OVERLAY_SHOTS = "10"
+ALPHA = 0.05
+TEST_NAME = "two-sided Wilcoxon signed-rank test on per-image MRE, paired by (seed, image)"
+DAGGER = "†"
+RUN_KEY = ["method", "dataset", "shots", "seed"]
+SPLIT_LABELS = {"test1": "Test1", "test2": "Test2"}
+
+
+def shots_sort_key(shots: str) -> float:
+    """Numeric order with ``all`` last."""
+    return math.inf if shots == "all" else float(shots)
+
+
+def _normalise_shots(value: object) -> str:
+    """``10``, ``10.0`` and ``"10"`` are the same cell; the reference row has no shots."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    text = str(value).strip()
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return str(int(number)) if number.is_integer() else text
+
+
+def method_order(methods: Iterable[str]) -> list[str]:
+    """The design's method order, then any user method alphabetically; the reference is never a method."""
+    methods = set(methods) - {REFERENCE}
+    return [m for m in METHOD_ORDER if m in methods] + sorted(methods - set(METHOD_ORDER))
+
+
+def read_results(path: str | Path) -> pd.DataFrame:
+    """``results.csv`` with shots as strings and seeds as nullable ints.
+
+    A failed row superseded by a done row of the same job (a retry) is dropped; two done rows of one job
+    are an error, since averaging or picking one would silently change the numbers.
+    """
+    text_columns = ["method", "dataset", "status", "reason", "run_dir", "unit", "subset_ids", "shots"]
+    frame = pd.read_csv(path, dtype={column: str for column in text_columns})
+    frame["shots"] = frame["shots"].map(_normalise_shots)
+    frame["seed"] = pd.to_numeric(frame["seed"]).astype("Int64")
+    frame["reason"] = frame["reason"].fillna("") if "reason" in frame else ""
+    done = frame["status"].eq("done")
+    duplicated = frame[done][frame[done].duplicated(RUN_KEY, keep=False)]
+    if not duplicated.empty:
+        jobs = sorted({tuple(str(v) for v in key) for key in duplicated[RUN_KEY].itertuples(index=False)})
+        raise ValueError(f"{path}: several done rows for one job (method, dataset, shots, seed): {jobs}")
+    frame = frame.assign(_done=done).sort_values("_done", kind="stable")
+    return frame.drop_duplicates(RUN_KEY, keep="last").drop(columns="_done").sort_index()
+
+
+def per_image_mre(run_dir: str) -> pd.Series | None:
+    """Mean radial error over landmarks per (split, image_id) from a run's ``errors.csv``; None if absent."""
+    if not isinstance(run_dir, str) or not (path := Path(run_dir) / "errors.csv").is_file():
+        return None
+    errors = pd.read_csv(path, dtype={"split": str, "image_id": str})
+    return errors.groupby(["split", "image_id"])["radial_error"].mean()
+
+
+def _split_errors(errors: pd.Series, split: str) -> pd.Series:
+    """The images of ``split``: ``errors.csv`` holds the parts of a pooled split (ISBI test1, test2)
+    rather than the pooled ``test`` itself, so ``test`` falls back to every test row."""
+    splits = errors.index.get_level_values("split")
+    if (splits == split).any():
+        return errors[splits == split]
+    return errors if split == "test" else errors.iloc[:0]
+
+
+@dataclass
+class Table:
+    """One leaderboard table: its rows are the tidy CSV rows, ``notes`` its footnotes."""
+
+    dataset: str
+    split: str
+    shots: str
+    unit: str
+    thresholds: list[str]
+    rows: pd.DataFrame
+    best_method: str | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def title(self) -> str:
+        split = SPLIT_LABELS.get(self.split, "Test (pooled)" if self.dataset == "isbi2015" else "Test")
+        shots = "all training images" if self.shots == "all" else f"{self.shots} shots"
+        return f"{self.dataset}, {split}, {shots}"
+
+
+def _thresholds(frame: pd.DataFrame, split: str) -> list[str]:
+    """SDR thresholds with values for this split, as written in the column names (``2.0``, ``2.5``...)."""
+    pattern = re.compile(rf"^{re.escape(split)}_sdr_(\d+(?:\.\d+)?)$")
+    found = [match.group(1) for column in frame.columns if (match := pattern.match(column))
+             and frame[column].notna().any()]
+    return sorted(found, key=float)
+
+
+def _test_splits(frame: pd.DataFrame) -> list[str]:
+    """Test splits with values, parts first and the pooled ``test`` last; never ``val``."""
+    splits = [match.group(1) for column in frame.columns if (match := re.match(r"^(test\w*)_mre$", column))
+              and frame[column].notna().any()]
+    return sorted(splits, key=lambda split: (split == "test", split)) or ["test"]
+
+
+def _column(frame: pd.DataFrame, name: str) -> pd.Series:
+    return pd.to_numeric(frame[name]) if name in frame else pd.Series(np.nan, index=frame.index)
+
+
+def _seed_summary(done: pd.DataFrame, split: str, thresholds: list[str]) -> dict[str, float]:
+    """Mean and sample std (ddof=1, NaN for one seed) over seeds of each seed's value."""
+    mre, ere = _column(done, f"{split}_mre"), _column(done, f"{split}_ere")
+    summary = {"mre_mean": mre.mean(), "mre_std": mre.std(), "ere_mean": ere.mean(), "ere_std": ere.std()}
+    summary.update({f"sdr_{t}": _column(done, f"{split}_sdr_{t}").mean() for t in thresholds})
+    return summary
+
+
+def _missing_seed_note(method: str, rows: pd.DataFrame, done_seeds: set, expected: int, split: str) -> str:
+    failed = rows[~rows["seed"].isin(done_seeds)]
+    reasons = [f"seed {seed}: " + (f"no {split} metrics" if status == "done"
+                                   else ", ".join(filter(None, [status, reason])))
+               for seed, status, reason in failed[["seed", "status", "reason"]].itertuples(index=False)]
+    if len(done_seeds) + len(failed) < expected:
+        reasons.append(f"{expected - len(done_seeds) - len(failed)} seed(s) without a row")
+    return (f"{method}: incomplete, {len(done_seeds)}/{expected} seeds with {split} results "
+            f"({'; '.join(reasons)}); not averaged")
+
+
+def _paired_test(best: pd.Series, other: pd.Series) -> tuple[float, int]:
+    """Wilcoxon signed-rank p-value over the (seed, split, image_id) pairs both methods have."""
+    pairs = pd.concat([best.rename("best"), other.rename("other")], axis=1, join="inner")
+    if pairs.empty:
+        return math.nan, 0
+    with np.errstate(invalid="ignore", divide="ignore"):  # identical samples: scipy's z is 0/0, its p is 1
+        result = wilcoxon(pairs["other"], pairs["best"], alternative="two-sided")
+    return float(result.pvalue), len(pairs)
+
+
+def _method_rows(cell: pd.DataFrame, methods: list[str], split: str, expected: int, thresholds: list[str],
+                 image_errors: dict[str, pd.Series | None], notes: list[str]) -> tuple[pd.DataFrame, dict]:
+    """A summary row per method, and each complete method's per-image MRE indexed by (seed, split, image_id)."""
+    rows, samples = [], {}
+    for method in methods:
+        method_rows = cell[cell["method"] == method]
+        done = method_rows[method_rows["status"].eq("done") & _column(method_rows, f"{split}_mre").notna()]
+        done_seeds = set(done["seed"].dropna().tolist())
+        row = {"method": method, "reference": False, "n_seeds": len(done_seeds), "n_expected": expected,
+               "incomplete": len(done_seeds) < expected}
+        rows.append(row)
+        if row["incomplete"]:
+            notes.append(_missing_seed_note(method, method_rows, done_seeds, expected, split))
+            continue
+        row.update(_seed_summary(done, split, thresholds))
+        per_seed = {seed: image_errors.get(run_dir) for seed, run_dir in zip(done["seed"], done["run_dir"])}
+        missing = sorted(seed for seed, errors in per_seed.items() if errors is None)
+        if missing:
+            notes.append(f"{method}: no errors.csv for seed(s) {', '.join(map(str, missing))}; "
+                         "significance test skipped")
+        else:
+            samples[method] = pd.concat({seed: _split_errors(errors, split) for seed, errors in per_seed.items()},
+                                        names=["seed"])
+    columns = ["method", "reference", "n_seeds", "n_expected", "incomplete", "mre_mean", "mre_std", "ere_mean",
+               "ere_std", *[f"sdr_{t}" for t in thresholds]]
+    return pd.DataFrame(rows, columns=columns), samples
+
+
+def _mark_best(table: pd.DataFrame, thresholds: list[str]) -> None:
+    """``best_<column>`` flags: lowest MRE/ERE, highest SDR, among complete methods (ties all marked)."""
+    complete = ~table["incomplete"]
+    for column, lowest in [("mre", True), ("ere", True), *[(f"sdr_{t}", False) for t in thresholds]]:
+        values = table[f"{column}_mean" if column in ("mre", "ere") else column].where(complete)
+        table[f"best_{column}"] = values.eq(values.min() if lowest else values.max()) & values.notna()
+
+
+def _test_against_best(table: pd.DataFrame, samples: dict, best_method: str | None, notes: list[str]) -> None:
+    """``p_value``, ``n_pairs`` and ``not_different`` of each method against the best-MRE one."""
+    table["p_value"], table["n_pairs"], table["not_different"] = math.nan, 0, False
+    if best_method is None:
+        return
+    if best_method not in samples:
+        notes.append(f"best-MRE method {best_method} has no per-image errors: significance tests skipped")
+        return
+    for index, method in table["method"].items():
+        if method == best_method or method not in samples:
+            continue
+        p_value, pairs = _paired_test(samples[best_method], samples[method])
+        table.loc[index, ["p_value", "n_pairs"]] = p_value, pairs
+        table.loc[index, "not_different"] = bool(p_value >= ALPHA)
+        if pairs == 0:
+            notes.append(f"{method}: no (seed, image) pairs shared with {best_method}; test skipped")
+
+
+def _build_table(dataset: str, split: str, shots: str, cell: pd.DataFrame, methods: list[str],
+                 reference: pd.DataFrame, expected: int, unit: str, thresholds: list[str],
+                 image_errors: dict[str, pd.Series | None]) -> Table:
+    notes: list[str] = []
+    table, samples = _method_rows(cell, methods, split, expected, thresholds, image_errors, notes)
+    _mark_best(table, thresholds)
+    best_method = table.loc[table["best_mre"], "method"].iloc[0] if table["best_mre"].any() else None
+    _test_against_best(table, samples, best_method, notes)
+    if not reference.empty:
+        reference_row = {"method": REFERENCE, "reference": True, "incomplete": False,
+                         **{f"{metric}_mean": _column(reference, f"{split}_{metric}").iloc[0]
+                            for metric in ("mre", "ere")},
+                         **{f"sdr_{t}": _column(reference, f"{split}_sdr_{t}").iloc[0] for t in thresholds}}
+        table = pd.concat([table, pd.DataFrame([reference_row])], ignore_index=True)
+    flags = [column for column in table.columns if column.startswith("best_")] + ["not_different", "reference",
+                                                                                  "incomplete"]
+    table[flags] = table[flags].fillna(False).astype(bool)
+    table[["n_seeds", "n_expected", "n_pairs"]] = table[["n_seeds", "n_expected", "n_pairs"]].astype("Int64")
+    table.insert(0, "shots", shots)
+    table.insert(0, "split", split)
+    table.insert(0, "dataset", dataset)
+    table.insert(3, "unit", unit)
+    table["compared_to"] = best_method
+    return Table(dataset, split, shots, unit, thresholds, table, best_method, notes)
+
+
+def build_tables(results: pd.DataFrame, expected_seeds: int | None = None) -> list[Table]:
+    """Every (dataset, shots, split) table; a method with rows anywhere in a dataset appears in each of its
+    tables, so a missing cell shows up as incomplete (0/n) instead of vanishing."""
+    image_errors = {run_dir: per_image_mre(run_dir)
+                    for run_dir in results.loc[results["status"].eq("done"), "run_dir"].dropna().unique()}
+    tables = []
+    for dataset in sorted(results["dataset"].dropna().unique()):
+        rows = results[results["dataset"] == dataset]
+        runs = rows[rows["method"] != REFERENCE]
+        reference = rows[(rows["method"] == REFERENCE) & rows["status"].eq("done")]
+        units = set(rows.loc[rows["status"].eq("done"), "unit"].dropna())
+        if len(units) > 1:
+            raise ValueError(f"dataset {dataset}: rows in several units {sorted(units)}")
+        unit = units.pop() if units else ""
+        methods = method_order(runs["method"].unique())
+        for shots in sorted(runs["shots"].unique(), key=shots_sort_key):
+            cell = runs[runs["shots"] == shots]
+            expected = expected_seeds or int(cell.groupby("method")["seed"].nunique().max())
+            for split in _test_splits(rows[rows["status"].eq("done")]):
+                tables.append(_build_table(dataset, split, shots, cell, methods, reference, expected, unit,
+                                           _thresholds(rows, split), image_errors))
+    return tables
+
+
+def _fmt(value: float, std: float = math.nan, digits: int = 2, plus_minus: str = "±") -> str:
+    if pd.isna(value):
+        return "–"
+    return f"{value:.{digits}f}" + ("" if pd.isna(std) else f" {plus_minus} {std:.{digits}f}")
+
+
+def _cells(row: pd.Series, table: Table, bold: Callable[[str], str], plus_minus: str, dagger: str) -> list[str]:
+    """The metric cells of a row, shared by Markdown and LaTeX (which differ in bold, ± and †)."""
+    if row["incomplete"]:
+        gap = ["–"] * (len(table.thresholds) + 1)
+        return [f"incomplete ({row['n_seeds']}/{row['n_expected']})", *gap, f"{row['n_seeds']}/{row['n_expected']}"]
+
+    def mark(text: str, best: bool) -> str:
+        return bold(text) if best and not row["reference"] else text
+
+    mre = mark(_fmt(row["mre_mean"], row["mre_std"], plus_minus=plus_minus), row["best_mre"])
+    mre += dagger if row["not_different"] else ""
+    sdr = [mark(_fmt(row[f"sdr_{t}"], digits=1), row[f"best_sdr_{t}"]) for t in table.thresholds]
+    ere = mark(_fmt(row["ere_mean"], row["ere_std"], plus_minus=plus_minus), row["best_ere"])
+    seeds = "–" if row["reference"] else str(row["n_seeds"])
+    return [mre, *sdr, ere, seeds]
+
+
+def _method_label(row: pd.Series) -> str:
+    return "inter-observer (reference)" if row["reference"] else row["method"]
+
+
+def _footnotes(table: Table) -> list[str]:
+    notes = ["MRE and ERE: mean ± std (sample std) over seeds of each seed's value; SDR: mean over seeds (%). "
+             "Best per column in bold, among complete methods."]
+    if table.best_method is not None:
+        notes.append(f"{DAGGER}: not significantly different from the best-MRE method ({table.best_method}), "
+                     f"{TEST_NAME}, p ≥ {ALPHA}.")
+    if table.rows["reference"].any():
+        notes.append("inter-observer: the junior doctor scored against the senior doctor; a reference, "
+                     "not a method (never marked best, never tested).")
+    return notes + table.notes
+
+
+def _header(table: Table) -> list[str]:
+    unit = table.unit or "?"
+    return ["Method", f"MRE ({unit})", *[f"SDR {float(t):g} {unit} (%)" for t in table.thresholds],
+            f"ERE ({unit})", "Seeds"]
+
+
+def markdown(tables: list[Table]) -> str:
+    """All tables as Markdown; the reference row sits last, labelled, below the methods."""
+    parts = ["# Leaderboard\n"]
+    for table in tables:
+        header = _header(table)
+        lines = [f"## {table.title} ({table.unit})", "", "| " + " | ".join(header) + " |",
+                 "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+        for _, row in table.rows.iterrows():
+            label = f"*{_method_label(row)}*" if row["reference"] else _method_label(row)
+            cells = _cells(row, table, lambda text: f"**{text}**", "±", f" {DAGGER}")
+            lines.append("| " + " | ".join([label, *cells]) + " |")
+        lines += [""] + [f"- {note}" for note in _footnotes(table)] + [""]
+        parts.append("\n".join(lines))
+    return "\n".join(parts)
+
+
+def _latex_escape(text: str) -> str:
+    replacements = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                    "±": r"$\pm$", "≥": r"$\geq$", DAGGER: r"$^\dagger$"}
+    return "".join(replacements.get(char, char) for char in text)
+
+
+def latex(tables: list[Table]) -> str:
+    """All tables in a paper's style (booktabs; needs ``\\usepackage{booktabs}``)."""
+    blocks = []
+    for table in tables:
+        header = [_latex_escape(name).replace("(\\%)", "(\\%) $\\uparrow$") for name in _header(table)]
+        header[1] += r" $\downarrow$"
+        header[-2] += r" $\downarrow$"
+        best = _latex_escape(table.best_method or "none")
+        caption = (f"{_latex_escape(table.title)}: MRE and ERE in {table.unit} (mean $\\pm$ std over seeds), SDR in "
+                   f"\\% (mean over seeds); best in bold. $^\\dagger$: not significantly different from the "
+                   f"best-MRE method ({best}), {TEST_NAME}, $p \\geq {ALPHA}$.")
+        if table.rows["reference"].any():
+            caption += " Inter-observer: junior doctor against senior doctor, a reference (never marked best)."
+        label = "tab:" + re.sub(r"[^A-Za-z0-9]+", "-", f"{table.dataset}-{table.split}-{table.shots}")
+        lines = [r"\begin{table}[t]", r"\centering", r"\caption{" + caption + "}",
+                 r"\label{" + label + "}", r"\begin{tabular}{l" + "c" * (len(header) - 1) + "}", r"\toprule",
+                 " & ".join(header) + r" \\", r"\midrule"]
+        for _, row in table.rows.iterrows():
+            if row["reference"]:
+                lines.append(r"\midrule")
+            label_text = _latex_escape(_method_label(row))
+            label_text = r"\textit{" + label_text + "}" if row["reference"] else label_text
+            cells = _cells(row, table, lambda text: r"\textbf{" + text + "}", r"$\pm$", r"$^\dagger$")
+            lines.append(" & ".join([label_text, *[cell.replace("–", "--") for cell in cells]]) + r" \\")
+        lines += [r"\bottomrule", r"\end{tabular}"]
+        notes = [_latex_escape(note) for note in table.notes]
+        if notes:
+            lines += [r"\par\smallskip", r"{\footnotesize " + r" \\ ".join(notes) + r"\par}"]
+        lines.append(r"\end{table}")
+        blocks.append("\n".join(lines))
+    return "% requires \\usepackage{booktabs}\n\n" + "\n\n".join(blocks) + "\n"
+
+
+def _save_figure(figure: plt.Figure, path: Path) -> None:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    atomic_write(path, lambda stream: stream.write(buffer.getvalue()))
+
+
+def plot_against_shots(tables: list[Table], dataset: str, metric: str, path: Path) -> Path | None:
+    """``metric`` (mre or ere) of the pooled test split against shots: a line per method with a ± std band.
+
+    Incomplete cells are gaps, as in the tables; mean_shape is dashed; the inter-observer value is a
+    horizontal reference. None if no method has a value (e.g. ERE when every run failed).
+    """
+    chosen = [table for table in tables if table.dataset == dataset]
+    pooled = "test" if any(table.split == "test" for table in chosen) else chosen[-1].split
+    frame = pd.concat([table.rows for table in chosen if table.split == pooled], ignore_index=True)
+    shots = sorted(frame["shots"].unique(), key=shots_sort_key)
+    x = np.arange(len(shots))
+    methods = frame[~frame["reference"]]
+    if methods[f"{metric}_mean"].isna().all():
+        return None
+    # One colour per method across every dataset's figures.
+    colours = {method: f"C{index}" for index, method in enumerate(
+        method_order({method for table in tables for method in table.rows["method"]} - {BASELINE}))}
+    colours[BASELINE] = "0.3"
+    figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    for method in method_order(methods["method"].unique()):
+        series = methods[methods["method"] == method].set_index("shots").reindex(shots)
+        mean, std = series[f"{metric}_mean"].to_numpy(float), series[f"{metric}_std"].to_numpy(float)
+        if np.isnan(mean).all():
+            continue
+        axis.plot(x, mean, marker="o", label=method, color=colours[method],
+                  linestyle="--" if method == BASELINE else "-")
+        axis.fill_between(x, mean - std, mean + std, color=colours[method], alpha=0.15, linewidth=0)
+    reference = frame.loc[frame["reference"], f"{metric}_mean"].dropna()
+    if not reference.empty:
+        axis.axhline(reference.iloc[0], color="black", linestyle=":", label="inter-observer")
+    axis.set_xticks(x, shots)
+    axis.set_xlabel("annotated training images (shots)")
+    axis.set_ylabel(f"{metric.upper()} ({chosen[0].unit})")
+    axis.set_title(f"{dataset}: {metric.upper()} on the {pooled} split (mean ± std over seeds)")
+    axis.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    _save_figure(figure, path)
+    return path
+
+
+def _overlay_point(results: pd.DataFrame, shots: str | None, seed: int | None) -> tuple[str, int] | None:
+    """Shots 10 if present, else the most common; seed 0 if present, else the smallest."""
+    done = results[results["status"].eq("done") & (results["method"] != REFERENCE)]
+    if done.empty:
+        return None
+    if shots is None:
+        counts = done["shots"].value_counts()
+        shots = PREFERRED_OVERLAY_SHOTS if PREFERRED_OVERLAY_SHOTS in counts else \
+            min(counts[counts == counts.max()].index, key=shots_sort_key)
+    seeds = set(done.loc[done["shots"] == shots, "seed"].dropna().tolist())
+    if seed is None:
+        seed = 0 if 0 in seeds or not seeds else min(seeds)
+    return shots, int(seed)
+
+
+def plot_overlays(results: pd.DataFrame, path: Path, shots: str | None = None, seed: int | None = None) -> Path | None:
+    """Datasets (rows) × methods (columns) of heatmap overlays on one test image (the paper's Figure 1):
+    image grey, heatmap inferno, truth green, prediction red; mean_shape shows points only."""
+    point = _overlay_point(results, shots, seed)
+    if point is None:
+        return None
+    shots, seed = point
+    at_point = results["shots"].eq(shots) & results["seed"].eq(seed).fillna(False)
+    chosen = results[results["status"].eq("done") & at_point & (results["method"] != REFERENCE)]
+    overlays = {(row.dataset, row.method): Path(row.run_dir) / "overlay.npz" for row in chosen.itertuples()
+                if isinstance(row.run_dir, str) and (Path(row.run_dir) / "overlay.npz").is_file()}
+    if not overlays:
+        return None
+    datasets = sorted({dataset for dataset, _ in overlays})
+    methods = method_order({method for _, method in overlays})
+    figure, axes = plt.subplots(len(datasets), len(methods), figsize=(2.2 * len(methods), 2.5 * len(datasets)),
+                                squeeze=False)
+    for i, dataset in enumerate(datasets):
+        image_ids = set()
+        for j, method in enumerate(methods):
+            axis = axes[i, j]
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if i == 0:
+                axis.set_title(method, fontsize=9)
+            if (dataset, method) not in overlays:
+                axis.text(0.5, 0.5, "no run", ha="center", va="center", transform=axis.transAxes)
+                continue
+            with np.load(overlays[dataset, method], allow_pickle=False) as data:
+                image_ids.add(str(data["image_id"]))
+                axis.imshow(data["image"], cmap="gray", vmin=0, vmax=1)
+                if method != BASELINE and "heatmap" in data:
+                    axis.imshow(data["heatmap"], cmap="inferno", alpha=0.5, vmin=0, vmax=1)
+                for points, colour in ((data["truth"], "lime"), (data["pred"], "red")):
+                    axis.scatter(points[:, 0], points[:, 1], s=6, c=colour, linewidths=0)
+        if len(image_ids) > 1:
+            raise ValueError(f"overlays of {dataset} (shots {shots}, seed {seed}) show different images "
+                             f"{sorted(image_ids)}; every method must show the same test image")
+        axes[i, 0].set_ylabel(f"{dataset}\n{image_ids.pop()}", fontsize=9)
+    figure.suptitle(f"shots {shots}, seed {seed}: truth green, prediction red", fontsize=10)
+    figure.tight_layout()
+    _save_figure(figure, path)
+    return path
+
+
+def tidy(tables: list[Table]) -> pd.DataFrame:
+    """One row per (dataset, split, shots, method); SDR columns of every dataset's thresholds side by side
+    (empty where a dataset has other thresholds), each in threshold order."""
+    if not tables:
+        return pd.DataFrame()
+    frame = pd.concat([table.rows for table in tables], ignore_index=True)
+    thresholds = sorted({t for table in tables for t in table.thresholds}, key=float)
+    sdr = [f"sdr_{t}" for t in thresholds]
+    best = ["best_mre", "best_ere", *[f"best_{column}" for column in sdr]]
+    leading = list(frame.columns[:frame.columns.get_loc("ere_std") + 1])
+    return frame[leading + sdr + best + [c for c in frame.columns if c not in {*leading, *sdr, *best}]]
+
+
+def build_leaderboard(results_csv: str | Path, out_dir: str | Path, expected_seeds: int | None = None,
+                      overlay_shots: str | None = None, overlay_seed: int | None = None) -> dict[str, Path]:
+    """Write ``leaderboard.md``, ``leaderboard.tex``, ``leaderboard.csv`` and the figures into ``out_dir``.
+
+    ``expected_seeds`` defaults to the most seeds any method has rows for in a (dataset, shots) cell.
+    Returns the written paths by name (``markdown``, ``latex``, ``csv``, ``mre_vs_shots_<dataset>``,
+    ``ere_vs_shots_<dataset>``, ``overlays``); a figure with nothing to show is not written.
+    """
+    out_dir = Path(out_dir)
+    results = read_results(results_csv)
+    tables = build_tables(results, expected_seeds)
+    paths = {"markdown": out_dir / "leaderboard.md", "latex": out_dir / "leaderboard.tex",
+             "csv": out_dir / "leaderboard.csv"}
+    atomic_write_text(paths["markdown"], markdown(tables))
+    atomic_write_text(paths["latex"], latex(tables))
+    write_csv(paths["csv"], tidy(tables))
+    for dataset in sorted({table.dataset for table in tables}):
+        for metric in ("mre", "ere"):
+            name = f"{metric}_vs_shots_{dataset}"
+            if (written := plot_against_shots(tables, dataset, metric, out_dir / f"{name}.png")) is not None:
+                paths[name] = written
+    if (written := plot_overlays(results, out_dir / "overlays.png", overlay_shots, overlay_seed)) is not None:
+        paths["overlays"] = written
+    return paths

@@ -1,0 +1,110 @@
+"""The sweep: end to end on the phantom, killed and resumed, on two local slots, through submitit, W&B offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from landmark_bench.cli import main
+from landmark_bench.sweep import run_sweep
+
+SWEEP = ["--methods", "mean_shape", "scratch", "--datasets", "phantom", "--shots", "5", "--seeds", "0", "1",
+         "--preset", "tiny"]
+
+
+def sweep_command(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "landmark_bench.cli", "sweep", *SWEEP, "--out", str(out), *extra]
+
+
+def assert_rows_exactly_once(out: Path) -> pd.DataFrame:
+    rows = pd.read_csv(out / "results.csv")
+    assert len(rows) == 4 and not rows.duplicated(["method", "dataset", "shots", "seed"]).any()
+    assert (rows.status == "done").all(), rows[["method", "seed", "status", "reason"]]
+    return rows
+
+
+def test_tiny_sweep_end_to_end_with_leaderboard(tmp_path, capsys):
+    assert main(["sweep", *SWEEP, "--out", str(tmp_path), "--dry-run"]) == 0
+    assert "0 done; estimated remaining time" in capsys.readouterr().out and not (tmp_path / "results.csv").exists()
+    assert main(["sweep", *SWEEP, "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "## phantom, Test, 5 shots (mm)" in printed and "leaderboard.tex" in printed
+    rows = assert_rows_exactly_once(tmp_path)
+    for column in ("subset_ids", "config_hash", "code_version", "checkpoint", "wall_seconds", "test_mre", "test_ere",
+                   "test_sdr_2.0"):
+        assert rows[column].notna().all() or column in ("test_ere", "checkpoint"), column
+    by_method = rows.groupby("method").test_mre.mean()
+    assert by_method["scratch"] * 3 < by_method["mean_shape"]
+    assert rows.groupby("seed").subset_ids.nunique().eq(1).all()  # same images for every method
+    board = pd.read_csv(tmp_path / "leaderboard" / "leaderboard.csv")
+    assert set(board.method) == {"mean_shape", "scratch"}
+    assert (tmp_path / "leaderboard" / "mre_vs_shots_phantom.png").stat().st_size > 0
+    assert main(["sweep", *SWEEP, "--out", str(tmp_path), "--dry-run"]) == 0
+    assert "4 done; estimated remaining time 0.0 min" in capsys.readouterr().out
+
+
+def test_sigkilled_sweep_resumes_with_every_row_once(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(sweep_command(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 600
+    while time.time() < deadline and not list((tmp_path / "runs").glob("scratch-*/checkpoints/best.ckpt")):
+        time.sleep(0.2)
+    os.kill(process.pid, signal.SIGKILL)  # mid-way through a fine-tune, after some rows were written
+    process.wait()
+    partial = pd.read_csv(tmp_path / "results.csv") if (tmp_path / "results.csv").exists() else pd.DataFrame()
+    assert len(partial) < 4
+    finished = subprocess.run(sweep_command(tmp_path), env=env, capture_output=True, text=True, timeout=900)
+    assert finished.returncode == 0, finished.stdout[-3000:]
+    assert_rows_exactly_once(tmp_path)
+
+
+def test_two_local_slots_run_jobs_concurrently(tmp_path):
+    results = run_sweep(out=tmp_path, methods=["mean_shape"], datasets=["phantom"], shots=[1, 5], seeds=[0, 1],
+                        preset="tiny", launcher="local", slots=["cpu", "cpu"])
+    assert len(results) == 4 and (results.status == "done").all()
+    spans = sorted((record["started_at"], record["finished_at"]) for record in
+                   (json.loads((Path(run) / "run.json").read_text()) for run in results.run_dir))
+    assert any(start < previous_end for (_, previous_end), (start, _) in zip(spans, spans[1:])), spans
+
+
+def test_submitit_launcher_runs_the_jobs(tmp_path):
+    results = run_sweep(out=tmp_path, methods=["mean_shape"], datasets=["phantom"], shots=[5], seeds=[0, 1],
+                        preset="tiny", launcher="submitit-local")
+    assert len(results) == 2 and (results.status == "done").all()
+    assert list((tmp_path / "submitit").glob("*_result.pkl")) or list((tmp_path / "submitit").glob("*"))
+
+
+def test_failed_job_is_recorded_and_the_sweep_goes_on(tmp_path):
+    results = run_sweep(out=tmp_path, methods=["mean_shape", "simclr"], datasets=["phantom"], shots=[5], seeds=[0],
+                        preset="tiny", pretrain_datasets=["no_such_dataset"])
+    by_method = results.set_index("method")
+    assert by_method.loc["mean_shape", "status"] == "done"
+    assert by_method.loc["simclr", "status"] == "failed" and "pretraining simclr failed" in by_method.loc["simclr", "reason"]
+
+
+def test_wandb_offline_run_holds_metrics_and_leaderboard(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    assert main(["sweep", "--methods", "mean_shape", "--datasets", "phantom", "--shots", "5", "--seeds", "0",
+                 "--preset", "tiny", "--out", str(tmp_path)]) == 0
+    run_files = list((tmp_path / "runs").glob("*/wandb/offline-run-*/run-*.wandb"))
+    board_files = list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+    assert run_files and board_files
+    assert b"test/mre" in run_files[0].read_bytes()
+    assert b"leaderboard" in board_files[0].read_bytes() and b"table-file" in board_files[0].read_bytes()
+    config = json.loads((tmp_path / "runs" / "mean_shape-phantom-5shot-seed0" / "config.json").read_text())
+    assert not any("WANDB_API_KEY" in json.dumps(value) for value in config.values())
+
+
+@pytest.mark.parametrize("launcher", ["kubernetes"])
+def test_unknown_launcher_is_named(tmp_path, capsys, launcher):
+    assert main(["sweep", *SWEEP, "--out", str(tmp_path), "--launcher", launcher]) == 2
+    assert "valid launchers: inprocess, local, slurm" in capsys.readouterr().err
