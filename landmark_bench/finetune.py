@@ -11,6 +11,7 @@ from pathlib import Path
 
 import lightning.pytorch as L
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
 
 from landmark_bench.data.datamodule import LandmarkDataModule, parse_shots
 from landmark_bench.evaluation import LandmarkEvaluation
@@ -19,6 +20,10 @@ from landmark_bench.methods import FINETUNE_METHODS, check_method
 from landmark_bench.models.detector import LandmarkDetector, MeanShapeReference
 from landmark_bench.presets import get_preset
 from landmark_bench.tracking import finish, run_loggers
+
+
+# Under DDP every rank runs this function; only rank zero records the run.
+record_json = rank_zero_only(write_json)
 
 
 def code_version() -> str:
@@ -77,7 +82,7 @@ def finetune(
               "reader_options": reader_options or {}}
     record = {**config, "config_hash": config_hash(config), "code_version": code_version(), "run_dir": str(out),
               "started_at": time.time()}
-    write_json(out / "status.json", {"status": "running"})
+    record_json(out / "status.json", {"status": "running"})
     started = time.perf_counter()
     loggers = []
     try:
@@ -90,7 +95,7 @@ def finetune(
         )
         datamodule.setup()
         record["subset_ids"] = datamodule.subset_ids
-        write_json(out / "config.json", {**config, "subset_ids": datamodule.subset_ids, "config_hash": record["config_hash"]})
+        record_json(out / "config.json", {**config, "subset_ids": datamodule.subset_ids, "config_hash": record["config_hash"]})
         evaluation = LandmarkEvaluation(out)
         loggers = run_loggers(out, out.name, wandb_group, [method, dataset, f"shots={shots}", f"seed={seed}"], config)
         trainer_args = dict(accelerator=accelerator, devices=devices, logger=loggers,
@@ -124,12 +129,12 @@ def finetune(
     except BaseException as error:
         record.update(status="failed", reason=f"{type(error).__name__}: {error}",
                       wall_seconds=time.perf_counter() - started)
-        write_json(out / "status.json", {"status": "failed", "reason": record["reason"],
+        record_json(out / "status.json", {"status": "failed", "reason": record["reason"],
                                          "traceback": traceback.format_exc()})
         raise
     finally:
         finish(loggers)
-    write_json(out / "status.json", {"status": "done", "wall_seconds": record["wall_seconds"],
+    record_json(out / "status.json", {"status": "done", "wall_seconds": record["wall_seconds"],
                                      "train_seconds": record["train_seconds"]})
-    write_json(out / "run.json", record)
+    record_json(out / "run.json", record)
     return record

@@ -60,7 +60,7 @@ _DDPM = {
             "lr_schedule": "cosine", "weight_decay": 1e-6, "num_train_timesteps": 1000, "beta_schedule": "linear"},
     "paper": {"resolution": 256, "batch_size": 16, "max_steps": 60000, "lr": 1e-4, "warmup_steps": 1000,
               "ema_decay": 0.9999, "lr_schedule": "cosine", "weight_decay": 1e-6, "num_train_timesteps": 1000,
-              "beta_schedule": "linear"},
+              "beta_schedule": "linear", "num_workers": 4},
 }
 _CDPM_ALIGN = {"condition_dropout": 0.1, "align_fraction": 0.1, "align_weight": 0.1, "align_timestep_gap": None,
                "align_scales": None}

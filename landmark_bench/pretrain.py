@@ -11,8 +11,8 @@ import lightning.pytorch as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from landmark_bench.data.datamodule import UnlabeledDataModule
-from landmark_bench.finetune import code_version, config_hash
-from landmark_bench.io import atomic_write, write_json
+from landmark_bench.finetune import code_version, config_hash, record_json
+from landmark_bench.io import atomic_write
 from landmark_bench.methods import DIFFUSION_METHODS, PRETRAINING, check_method, method_module, pretraining_class
 from landmark_bench.presets import get_preset
 from landmark_bench.tracking import finish, run_loggers
@@ -51,8 +51,8 @@ def pretrain(
     if final.is_file():
         return {**record, "status": "done", "reused": True}
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "status.json", {"status": "running"})
-    write_json(out / "config.json", record)
+    record_json(out / "status.json", {"status": "running"})
+    record_json(out / "config.json", record)
     started = time.perf_counter()
     loggers = []
     try:
@@ -86,12 +86,12 @@ def pretrain(
                 module.save_sample_grid(model, out / "samples.png")
         record.update(status="done", wall_seconds=time.perf_counter() - started, steps=trainer.global_step)
     except BaseException as error:
-        write_json(out / "status.json", {"status": "failed", "reason": f"{type(error).__name__}: {error}",
+        record_json(out / "status.json", {"status": "failed", "reason": f"{type(error).__name__}: {error}",
                                          "traceback": traceback.format_exc()})
         raise
     finally:
         finish(loggers)
-    write_json(out / "status.json", {"status": "done", "wall_seconds": record["wall_seconds"]})
-    write_json(out / "run.json", record)
+    record_json(out / "status.json", {"status": "done", "wall_seconds": record["wall_seconds"]})
+    record_json(out / "run.json", record)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return record

@@ -22,6 +22,7 @@ from landmark_bench.models.unet import (
     null_condition_index,
     to_diffusion_range,
 )
+from landmark_bench.pretrain import DATA_KEYS
 from landmark_bench.presets import FINETUNE, PRESETS, UNET
 
 TINY_UNET = UNET["tiny"]
@@ -83,7 +84,7 @@ def ddpm_checkpoint(tmp_path_factory):
     trainer = quiet_trainer(2)
     trainer.fit(module, loader())
     path = tmp_path_factory.mktemp("ddpm") / "ddpm.ckpt"
-    trainer.save_checkpoint(path)
+    trainer.save_checkpoint(path, weights_only=True)  # as the pretraining runner writes its final checkpoint
     return module, path
 
 
@@ -284,6 +285,6 @@ def test_presets_build_both_methods_on_one_unet(preset):
     assert all(side % 8 == 0 for side in FINETUNE[preset]["resolution"])
     if preset == "paper":
         return  # built on a GPU; its config is checked above
-    kwargs = {name: value for name, value in cdpm_settings.items() if name not in ("resolution", "batch_size")}
+    kwargs = {name: value for name, value in cdpm_settings.items() if name not in DATA_KEYS}
     module = CDPMAlignPretrain(unet=settings["unet"], dataset_names=DATASETS, **kwargs)
     assert len(module.align_scales) == 4

@@ -10,7 +10,7 @@ import lightning.pytorch as L
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset
 
 from landmark_bench.data.cache import cached_images
 from landmark_bench.data.readers import DatasetReader, Record
@@ -74,7 +74,9 @@ class LandmarkDataset(Dataset):
         records: list[Record],
         sigma: float,
         augment: Augment | None = None,
+        length: int | None = None,
     ):
+        self.length = length
         self.images = torch.from_numpy(images)
         self.records = records
         self.size = tuple(images.shape[1:])
@@ -86,9 +88,11 @@ class LandmarkDataset(Dataset):
                                     dtype=torch.float64)
 
     def __len__(self) -> int:
-        return len(self.records)
+        """``length`` when set: a few-shot set repeated to fill an epoch (a validation interval)."""
+        return self.length or len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        index = index % len(self.records)
         image = self.images[index][None].float() / 255.0
         points = self.landmarks_net[index].float()
         if self.augment is not None:
@@ -147,8 +151,10 @@ class LandmarkDataModule(L.LightningDataModule):
         cache_dir = Path(self.hparams.cache_dir) if self.hparams.cache_dir else None
         for split, records in splits.items():
             images = cached_images(self.reader, records, self.size, cache_dir)
-            augment = Augment() if split == "train" and self.hparams.augment else None
-            self.datasets[split] = LandmarkDataset(images, records, self.hparams.sigma, augment)
+            training = split == "train"
+            augment = Augment() if training and self.hparams.augment else None
+            self.datasets[split] = LandmarkDataset(images, records, self.hparams.sigma, augment,
+                                                   self.hparams.samples_per_epoch if training else None)
 
     def _loader(self, dataset: Dataset, **kwargs) -> DataLoader:
         workers = self.hparams.num_workers
@@ -156,10 +162,8 @@ class LandmarkDataModule(L.LightningDataModule):
                           persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(), **kwargs)
 
     def train_dataloader(self) -> DataLoader:
-        """Sampling with replacement: a few-shot set is smaller than a batch, the budget is in steps."""
-        train = self.datasets["train"]
-        sampler = RandomSampler(train, replacement=True, num_samples=self.hparams.samples_per_epoch)
-        return self._loader(train, sampler=sampler, drop_last=True)
+        """The few-shot set repeated to ``samples_per_epoch``, shuffled (and sharded under DDP)."""
+        return self._loader(self.datasets["train"], shuffle=True, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.datasets["val"])

@@ -28,8 +28,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from landmark_bench.losses import guidance_alignment_loss
-from landmark_bench.methods.ddpm import DDPMPretrain, load_backbone
+from landmark_bench.methods.ddpm import DDPMPretrain, load_backbone, save_sample_grid
 from landmark_bench.models.unet import DiffusionBackbone, decoder_features, to_diffusion_range
+
+
+__all__ = ["CDPMAlignPretrain", "build_backbone", "draw_timestep_pair", "save_sample_grid"]
 
 
 def draw_timestep_pair(

@@ -50,7 +50,7 @@ def build_unet(config: dict, num_conditions: int | None = None) -> UNet2DModel:
         null_index = num_conditions
         unet.class_embedding.padding_idx = null_index
         with torch.no_grad():
-            pass
+            unet.class_embedding.weight[null_index].zero_()
     return unet
 
 
