@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning.pytorch as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from landmark_bench.checkpoints import read_checkpoint
 from landmark_bench.data.datamodule import UnlabeledDataModule
 from landmark_bench.finetune import code_version, config_hash, record_json
 from landmark_bench.io import atomic_write
@@ -76,7 +77,10 @@ def pretrain(
                             enable_model_summary=False, enable_progress_bar=False, default_root_dir=out,
                             precision=cfg.get("precision", "32-true"))
         last = out / "checkpoints" / "last.ckpt"
-        trainer.fit(model, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
+        resume = last.is_file()
+        if resume:  # a killed run goes on from its last checkpoint instead of starting over
+            record["resumed_from_step"] = int(read_checkpoint(last, method)["global_step"])
+        trainer.fit(model, datamodule=datamodule, ckpt_path=str(last) if resume else None)
         temp = out / f".{CHECKPOINT_NAME}.partial"
         trainer.save_checkpoint(temp, weights_only=True)
         if trainer.is_global_zero:

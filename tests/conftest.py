@@ -26,3 +26,13 @@ def image_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     os.environ["LANDMARK_BENCH_CACHE"] = str(path)
     os.environ["WANDB_MODE"] = "disabled"  # the W&B test turns it on (offline) for itself
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory: pytest.TempPathFactory, image_cache: Path) -> dict[str, dict]:
+    """mean_shape and scratch fine-tuned under the tiny preset on the phantom (10 shots, seed 0)."""
+    from landmark_bench.finetune import finetune
+
+    out = tmp_path_factory.mktemp("tiny-runs")
+    return {method: finetune(method=method, dataset="phantom", shots=10, seed=0, preset="tiny", out=out / method)
+            for method in ("mean_shape", "scratch")}

@@ -11,13 +11,6 @@ from landmark_bench.cli import main
 from landmark_bench.finetune import finetune
 
 
-@pytest.fixture(scope="module")
-def tiny_runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    return {method: finetune(method=method, dataset="phantom", shots=10, seed=0, preset="tiny", out=out / method)
-            for method in ("mean_shape", "scratch")}
-
-
 def test_tiny_scratch_beats_mean_shape_by_a_wide_margin(tiny_runs):
     learned, reference = tiny_runs["scratch"]["metrics"]["test"], tiny_runs["mean_shape"]["metrics"]["test"]
     assert learned["unit"] == "mm" and learned["n_images"] == 40

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import lightning.pytorch as L
@@ -69,40 +70,36 @@ class LossRecorder(L.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def build(method: str) -> tuple[L.LightningModule, object]:
+def build(method: str, **overrides) -> tuple[L.LightningModule, object]:
     """A small configuration of ``method`` and its views, sized for CPU tests."""
     if method == "simclr":
-        model = simclr.SimCLR(
-            encoder_name=TEST_ENCODER, projection_hidden_dim=128, projection_dim=64, temperature=0.2, lr=3e-3
+        settings = dict(projection_hidden_dim=128, projection_dim=64, temperature=0.2, lr=3e-3)
+        return simclr.SimCLR(encoder_name=TEST_ENCODER, **{**settings, **overrides}), simclr.views_transform(
+            **TWO_VIEW_SETTINGS
         )
-        return model, simclr.views_transform(**TWO_VIEW_SETTINGS)
     if method == "moco":
-        model = moco.MoCoV3(
-            encoder_name=TEST_ENCODER,
-            projection_hidden_dim=128,
-            prediction_hidden_dim=128,
-            projection_dim=64,
-            base_momentum=0.9,
-            lr=3e-3,
+        settings = dict(projection_hidden_dim=128, prediction_hidden_dim=128, projection_dim=64, base_momentum=0.9, lr=3e-3)
+        return moco.MoCoV3(encoder_name=TEST_ENCODER, **{**settings, **overrides}), moco.views_transform(
+            **TWO_VIEW_SETTINGS
         )
-        return model, moco.views_transform(**TWO_VIEW_SETTINGS)
-    model = dino.DINO(
-        encoder_name=TEST_ENCODER,
-        head_hidden_dim=128,
-        bottleneck_dim=64,
-        output_dim=128,
-        base_momentum=0.9,
-        lr=3e-3,
+    # Batch norm in the head: without it a random encoder's teacher outputs barely differ between
+    # images, centering flattens them, and DINO's loss only starts falling after far more steps.
+    settings = dict(
+        head_hidden_dim=128, bottleneck_dim=64, output_dim=128, head_batch_norm=True, base_momentum=0.9, lr=3e-3
     )
-    return model, dino.views_transform(**MULTI_CROP_SETTINGS)
+    return dino.DINO(encoder_name=TEST_ENCODER, **{**settings, **overrides}), dino.views_transform(
+        **MULTI_CROP_SETTINGS
+    )
 
 
-def train(method: str, tmp_path: Path) -> tuple[L.LightningModule, L.Trainer, list[float]]:
+def train(method: str, tmp_path: Path, steps: int = TRAIN_STEPS, **overrides) -> tuple[L.LightningModule, L.Trainer, list[float], dict]:
+    """Train ``method`` on the phantom set; also returns the initial state dict."""
     L.seed_everything(0, verbose=False)
-    model, transform = build(method)
+    model, transform = build(method, **overrides)
+    initial_state = copy.deepcopy(model.state_dict())
     recorder = LossRecorder()
     trainer = L.Trainer(
-        max_steps=TRAIN_STEPS,
+        max_steps=steps,
         accelerator="cpu",
         logger=False,
         enable_checkpointing=False,
@@ -113,17 +110,132 @@ def train(method: str, tmp_path: Path) -> tuple[L.LightningModule, L.Trainer, li
     )
     loader = DataLoader(PhantomViews(transform), batch_size=8, shuffle=True, drop_last=True)
     trainer.fit(model, loader)
-    return model, trainer, recorder.losses
-
-
-@pytest.fixture(scope="module", params=["simclr", "moco", "dino"])
-def trained(request, tmp_path_factory):
-    """Each method trained once; every checkpoint test reuses the run."""
-    tmp_path = tmp_path_factory.mktemp(request.param)
-    model, trainer, losses = train(request.param, tmp_path)
-    checkpoint_path = tmp_path / f"{request.param}.ckpt"
-    trainer.save_checkpoint(checkpoint_path)
-    return request.param, model, losses, checkpoint_path
+    return model, trainer, recorder.losses, initial_state
 
 
 METHOD_MODULES = {"simclr": simclr, "moco": moco, "dino": dino}
+MOMENTUM_ENCODERS = {"moco": "momentum_encoder", "dino": "teacher_encoder"}
+
+
+@pytest.fixture(scope="module", params=list(METHOD_MODULES))
+def trained(request, tmp_path_factory) -> dict:
+    """Each method trained once, with a Trainer-written checkpoint; the tests below share the run."""
+    tmp_path = tmp_path_factory.mktemp(request.param)
+    model, trainer, losses, initial_state = train(request.param, tmp_path)
+    checkpoint_path = tmp_path / f"{request.param}.ckpt"
+    trainer.save_checkpoint(checkpoint_path)
+    return {
+        "method": request.param,
+        "model": model,
+        "losses": losses,
+        "initial_state": initial_state,
+        "checkpoint_path": checkpoint_path,
+    }
+
+
+def assert_same_tensors(actual: dict, expected: dict) -> None:
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(actual[key], value), key
+
+
+def test_loss_falls(trained):
+    losses = trained["losses"]
+    assert len(losses) == TRAIN_STEPS
+    first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+    assert last < first - 0.2, f"{trained['method']} did not learn: first 5 steps {first:.3f}, last 5 {last:.3f}"
+
+
+def test_encoder_state_dict_is_the_trained_online_encoder(trained):
+    model = trained["model"]
+    state = METHOD_MODULES[trained["method"]].encoder_state_dict(str(trained["checkpoint_path"]))
+    encoder = create_encoder(TEST_ENCODER)
+    encoder.load_state_dict(state, strict=True)
+    assert_same_tensors(encoder.state_dict(), model.encoder.state_dict())
+    changed = [key for key in state if not torch.equal(state[key], trained["initial_state"]["encoder." + key])]
+    assert changed, "the checkpoint holds the untrained encoder"
+    if trained["method"] in MOMENTUM_ENCODERS:
+        momentum_state = getattr(model, MOMENTUM_ENCODERS[trained["method"]]).state_dict()
+        assert any(not torch.equal(state[key], momentum_state[key]) for key in state), "got the momentum encoder"
+
+
+def test_momentum_encoder_is_an_ema_of_the_online_one(trained):
+    if trained["method"] not in MOMENTUM_ENCODERS:
+        pytest.skip("SimCLR has no momentum encoder")
+    model = trained["model"]
+    name = MOMENTUM_ENCODERS[trained["method"]]
+    online = dict(model.encoder.named_parameters())
+    for key, momentum in getattr(model, name).named_parameters():
+        initial, current = trained["initial_state"][f"{name}.{key}"], online[key].detach()
+        assert not momentum.requires_grad
+        # An EMA lies between where it started and where the online weights went, nearer the start.
+        assert (momentum - initial).norm() <= (current - initial).norm() + 1e-6, key
+    moved = [key for key, value in getattr(model, name).named_parameters() if not torch.equal(value, trained["initial_state"][f"{name}.{key}"])]
+    assert moved, "the momentum encoder never moved"
+    assert model.momentum_at(0) == pytest.approx(model.base_momentum)
+    assert model.momentum_at(TRAIN_STEPS - 1) == pytest.approx(model.final_momentum)
+
+
+def test_checkpoint_of_another_method_fails(trained):
+    for other, module in METHOD_MODULES.items():
+        if other != trained["method"]:
+            with pytest.raises(CheckpointError, match="written by method"):
+                module.encoder_state_dict(str(trained["checkpoint_path"]))
+
+
+def test_checkpoint_without_encoder_prefix_fails(trained, tmp_path):
+    checkpoint = torch.load(trained["checkpoint_path"], weights_only=True)
+    checkpoint["state_dict"] = {key.replace("encoder.", "backbone.", 1): value for key, value in checkpoint["state_dict"].items()}
+    renamed = tmp_path / "renamed.ckpt"
+    torch.save(checkpoint, renamed)
+    with pytest.raises(CheckpointError, match="no weights under 'encoder.'"):
+        METHOD_MODULES[trained["method"]].encoder_state_dict(str(renamed))
+
+
+def test_dino_freezes_the_last_head_layer_during_the_first_epochs(tmp_path):
+    model, _, _, initial_state = train("dino", tmp_path, steps=3, freeze_last_layer_epochs=10)
+    head = model.projection_head
+    assert torch.equal(head.last_layer.weight_v, initial_state["projection_head.last_layer.weight_v"])
+    assert not torch.equal(head.layers[0].weight, initial_state["projection_head.layers.0.weight"])
+
+
+@pytest.mark.parametrize("method", ["simclr", "moco"])
+def test_two_views_are_one_channel_at_the_requested_size(method):
+    views = METHOD_MODULES[method].views_transform(size=24)(phantom(0))
+    assert len(views) == 2
+    for view in views:
+        assert view.shape == (1, 24, 24) and view.dtype == torch.float32
+
+
+def test_dino_views_are_two_global_then_local_crops():
+    views = dino.views_transform(global_size=32, local_size=16, n_local=3)(phantom(0))
+    assert [tuple(view.shape) for view in views] == [(1, 32, 32)] * 2 + [(1, 16, 16)] * 3
+
+
+def test_views_refuse_colour_images():
+    with pytest.raises(ValueError, match="one-channel"):
+        simclr.views_transform()(phantom(0).convert("RGB"))
+
+
+def half_bright(size: int = IMAGE_SIZE) -> Image.Image:
+    """Bright left half, dark right half: a horizontal flip is plain to see."""
+    pixels = np.full((size, size), 30, dtype=np.uint8)
+    pixels[:, : size // 2] = 220
+    return Image.fromarray(pixels, mode="L")
+
+
+@pytest.mark.parametrize("make_views", [simclr.views_transform, moco.views_transform, dino.views_transform])
+def test_flips_are_off_by_default_and_a_setting(make_views):
+    # Whole-image crops, no rotation or jitter: only a flip could move the bright half.
+    settings = {"scale": (1.0, 1.0)} if make_views is not dino.views_transform else {"global_scale": (1.0, 1.0), "n_local": 0}
+    settings.update(rotation_prob=0.0, jitter_prob=0.0)
+    image = half_bright()
+
+    def left_is_brighter(view: torch.Tensor) -> bool:
+        half = view.shape[-1] // 2
+        return bool(view[..., :half].mean() > view[..., half:].mean())
+
+    default_views = [view for _ in range(10) for view in make_views(**settings)(image)]
+    assert all(left_is_brighter(view) for view in default_views)
+    flipped_views = [view for _ in range(10) for view in make_views(hflip_prob=1.0, **settings)(image)]
+    assert not any(left_is_brighter(view) for view in flipped_views)

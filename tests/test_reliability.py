@@ -1,0 +1,129 @@
+"""Reliability: interrupted work, determinism, checkpoints that must not load, and safe launching."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from landmark_bench.checkpoints import CheckpointError, read_checkpoint
+from landmark_bench.cli import main
+from landmark_bench.data.datamodule import LandmarkDataModule
+from landmark_bench.finetune import finetune
+from landmark_bench.sweep import FinetuneJob, run_subprocess
+
+CLI = [sys.executable, "-m", "landmark_bench.cli"]
+
+
+def test_sweep_killed_at_five_points_keeps_every_row_once(tmp_path):
+    command = [*CLI, "sweep", "--methods", "mean_shape", "--datasets", "phantom", "--shots", "1", "5", "10",
+               "--seeds", "0", "1", "--preset", "tiny", "--out", str(tmp_path)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    kills = 0
+    for delay in (9.0, 11.5, 10.0, 12.5, 10.5):  # after start-up, at different points of the job list
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+            kills += 1
+        process.wait()
+        if (tmp_path / "results.csv").exists():  # never a torn file, never a duplicate
+            partial = pd.read_csv(tmp_path / "results.csv")
+            assert not partial.duplicated(["method", "shots", "seed"]).any()
+    assert kills >= 3
+    assert subprocess.run(command, env=env, capture_output=True, timeout=600).returncode == 0
+    rows = pd.read_csv(tmp_path / "results.csv")
+    assert len(rows) == 6 and not rows.duplicated(["method", "shots", "seed"]).any() and (rows.status == "done").all()
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_killed_pretraining_resumes_from_its_last_checkpoint(tmp_path):
+    command = [*CLI, "pretrain", "--method", "ddpm", "--datasets", "phantom", "--preset", "tiny", "--out", str(tmp_path)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while time.time() < deadline and not last.is_file():
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert last.is_file() and not (tmp_path / "pretrained.ckpt").exists()
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    record = json.loads((tmp_path / "run.json").read_text())
+    assert record["resumed_from_step"] > 0 and record["steps"] == record["pretrain"]["max_steps"]
+    assert read_checkpoint(tmp_path / "pretrained.ckpt", "ddpm")["global_step"] == record["steps"]
+
+
+def test_same_command_same_seed_same_metrics(tiny_runs, tmp_path):
+    tiny_scratch_run = tiny_runs["scratch"]
+    again = finetune(method="scratch", dataset="phantom", shots=10, seed=0, preset="tiny", out=tmp_path)
+    first = json.loads((Path(tiny_scratch_run["run_dir"]) / "metrics.json").read_text())
+    assert json.loads((tmp_path / "metrics.json").read_text()) == first  # every digit
+    assert again["subset_ids"] == tiny_scratch_run["subset_ids"]
+
+
+def test_subsets_do_not_depend_on_workers(data_dir):
+    subsets = []
+    for workers in (0, 2):
+        datamodule = LandmarkDataModule("chest", str(data_dir), shots=5, seed=4, resolution=16, num_workers=workers)
+        datamodule.setup()
+        subsets.append(datamodule.subset_ids)
+    assert subsets[0] == subsets[1]
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch pwned-by-checkpoint",))
+
+
+def test_checkpoints_never_execute_pickled_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.ckpt"
+    with path.open("wb") as stream:
+        pickle.dump({"state_dict": {}, "payload": RunsCode()}, stream)
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        read_checkpoint(path)
+    assert not (tmp_path / "pwned-by-checkpoint").exists()
+
+
+def test_truncated_and_foreign_checkpoints_fail_clearly(tmp_path, capsys):
+    pretrained = tmp_path / "pre"
+    assert main(["pretrain", "--method", "ddpm", "--datasets", "phantom", "--preset", "tiny", "--out", str(pretrained)]) == 0
+    checkpoint = pretrained / "pretrained.ckpt"
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(checkpoint.read_bytes()[:5000])
+    for method, path, message in [("ddpm", truncated, "cannot be read"),
+                                  ("cdpm_align", checkpoint, "written by method 'ddpm', not 'cdpm_align'"),
+                                  ("simclr", checkpoint, "written by method 'ddpm', not 'simclr'")]:
+        out = tmp_path / f"run-{method}-{path.stem}"
+        assert main(["finetune", "--method", method, "--pretrained", str(path), "--preset", "tiny", "--out", str(out)]) == 2
+        error = capsys.readouterr().err
+        assert message in error and str(path) in error
+        assert json.loads((out / "status.json").read_text())["status"] == "failed"
+        assert not (out / "metrics.json").exists()
+
+
+def test_jobs_are_launched_with_argument_lists_not_a_shell(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    job = FinetuneJob("mean_shape", "chest", 5, 0, "tiny", str(tmp_path / "run"))
+    assert run_subprocess(job, "$(touch injected); touch injected2", "group", "cpu") == "failed"
+    assert not (tmp_path / "injected").exists() and not (tmp_path / "injected2").exists()
+    assert "does not exist" in json.loads((tmp_path / "run" / "status.json").read_text())["reason"]
+
+
+def test_no_credential_reaches_run_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "secret-key-0123456789")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    finetune(method="mean_shape", dataset="phantom", shots=5, seed=0, preset="tiny", out=tmp_path)
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert b"secret-key-0123456789" not in path.read_bytes(), path
