@@ -19,7 +19,7 @@ from landmark_bench.presets import get_preset
 from landmark_bench.tracking import finish, run_loggers
 
 DEFAULT_PRETRAINING_DATASETS = ("isbi2015", "aasce2019", "hand", "chest")
-DATA_KEYS = ("resolution", "batch_size", "num_workers")
+RUN_KEYS = ("resolution", "batch_size", "num_workers", "precision", "views")  # not module arguments
 CHECKPOINT_NAME = "pretrained.ckpt"
 
 
@@ -58,7 +58,7 @@ def pretrain(
     loggers = []
     try:
         L.seed_everything(seed, workers=True, verbose=False)
-        module_kwargs = {key: value for key, value in cfg.items() if key not in DATA_KEYS and key != "views"}
+        module_kwargs = {key: value for key, value in cfg.items() if key not in RUN_KEYS}
         module = method_module(method)
         if method in DIFFUSION_METHODS:
             module_kwargs.update(unet=settings["unet"], dataset_names=list(datasets))

@@ -22,7 +22,7 @@ from landmark_bench.models.unet import (
     null_condition_index,
     to_diffusion_range,
 )
-from landmark_bench.pretrain import DATA_KEYS
+from landmark_bench.pretrain import RUN_KEYS
 from landmark_bench.presets import FINETUNE, PRESETS, UNET
 
 TINY_UNET = UNET["tiny"]
@@ -285,6 +285,6 @@ def test_presets_build_both_methods_on_one_unet(preset):
     assert all(side % 8 == 0 for side in FINETUNE[preset]["resolution"])
     if preset == "paper":
         return  # built on a GPU; its config is checked above
-    kwargs = {name: value for name, value in cdpm_settings.items() if name not in DATA_KEYS}
+    kwargs = {name: value for name, value in cdpm_settings.items() if name not in RUN_KEYS}
     module = CDPMAlignPretrain(unet=settings["unet"], dataset_names=DATASETS, **kwargs)
     assert len(module.align_scales) == 4

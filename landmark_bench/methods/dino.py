@@ -2,7 +2,7 @@
 
 Student: encoder -> lightly ``DINOProjectionHead``, trained on 2 global + N local crops. Teacher: EMA
 copies of both, fed the global crops only. lightly ``DINOLoss`` with centering; the teacher
-temperature warms up linearly over the first ``teacher_temp_warmup_fraction`` of the steps and the
+temperature warms up linearly over the first ``teacher_temp_warmup_steps`` and the
 last layer of the head stays frozen for the first ``freeze_last_layer_epochs`` epochs (its gradients
 are dropped after backward, as in the reference code).
 
@@ -40,7 +40,8 @@ class DINO(MomentumPretrainer):
     def __init__(
         self,
         *,
-        encoder_name: str = "efficientnet_lite0",
+        max_steps: int,
+        encoder: str = "efficientnet_lite0",
         head_hidden_dim: int = 2048,
         bottleneck_dim: int = 256,
         output_dim: int = 2048,
@@ -49,19 +50,20 @@ class DINO(MomentumPretrainer):
         student_temp: float = 0.1,
         warmup_teacher_temp: float = 0.04,
         teacher_temp: float = 0.07,
-        teacher_temp_warmup_fraction: float = 0.3,
+        teacher_temp_warmup_steps: int = 0,
         center_momentum: float = 0.9,
         base_momentum: float = 0.996,
         final_momentum: float = 1.0,
         lr: float = 1e-3,
         weight_decay: float = 0.04,
-        warmup_fraction: float = 0.1,
+        warmup_steps: int = 0,
     ) -> None:
         super().__init__(
-            encoder_name=encoder_name,
+            encoder=encoder,
+            max_steps=max_steps,
             lr=lr,
             weight_decay=weight_decay,
-            warmup_fraction=warmup_fraction,
+            warmup_steps=warmup_steps,
             base_momentum=base_momentum,
             final_momentum=final_momentum,
         )
@@ -89,10 +91,9 @@ class DINO(MomentumPretrainer):
 
     def teacher_temperature(self, step: int) -> float:
         """Linear warm-up from ``warmup_teacher_temp`` to ``teacher_temp``, then constant."""
-        warmup_steps = round(self.hparams.teacher_temp_warmup_fraction * self.trainer.estimated_stepping_batches)
         return linear_warmup_schedule(
             step=step,
-            warmup_steps=warmup_steps,
+            warmup_steps=self.hparams.teacher_temp_warmup_steps,
             start_value=self.hparams.warmup_teacher_temp,
             end_value=self.hparams.teacher_temp,
         )

@@ -47,7 +47,8 @@ class MoCoV3(MomentumPretrainer):
     def __init__(
         self,
         *,
-        encoder_name: str = "efficientnet_lite0",
+        max_steps: int,
+        encoder: str = "efficientnet_lite0",
         projection_hidden_dim: int = 4096,
         projection_dim: int = 256,
         prediction_hidden_dim: int = 4096,
@@ -56,13 +57,14 @@ class MoCoV3(MomentumPretrainer):
         final_momentum: float = 1.0,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
-        warmup_fraction: float = 0.1,
+        warmup_steps: int = 0,
     ) -> None:
         super().__init__(
-            encoder_name=encoder_name,
+            encoder=encoder,
+            max_steps=max_steps,
             lr=lr,
             weight_decay=weight_decay,
-            warmup_fraction=warmup_fraction,
+            warmup_steps=warmup_steps,
             base_momentum=base_momentum,
             final_momentum=final_momentum,
         )

@@ -53,13 +53,23 @@ class EncoderPretrainer(L.LightningModule):
 
     method: ClassVar[str]
 
-    def __init__(self, encoder_name: str, lr: float, weight_decay: float, warmup_fraction: float) -> None:
+    def __init__(self, encoder: str, max_steps: int, lr: float, weight_decay: float, warmup_steps: int) -> None:
         super().__init__()
-        self.encoder = create_encoder(encoder_name)
+        if not 0 <= warmup_steps <= max_steps:
+            raise ValueError(f"warmup_steps={warmup_steps} must lie in [0, max_steps={max_steps}]")
+        self.encoder = create_encoder(encoder)
         self.feature_dim: int = self.encoder.feature_info.channels()[-1]
+        self.max_steps = max_steps
         self.lr = lr
         self.weight_decay = weight_decay
-        self.warmup_fraction = warmup_fraction
+        self.warmup_steps = warmup_steps
+
+    def on_fit_start(self) -> None:
+        """Every schedule (learning rate, momentum, teacher temperature) is laid out over ``max_steps``."""
+        if self.trainer.max_steps != self.max_steps:
+            raise ValueError(
+                f"Trainer(max_steps={self.trainer.max_steps}) differs from the module's max_steps={self.max_steps}"
+            )
 
     def forward(self, images: Tensor) -> Tensor:
         return pooled_representation(self.encoder, images)
@@ -78,12 +88,7 @@ class EncoderPretrainer(L.LightningModule):
             lr=self.lr,
             weight_decay=self.weight_decay,
         )
-        total_steps = int(self.trainer.estimated_stepping_batches)
-        scheduler = CosineWarmupScheduler(
-            optimizer,
-            warmup_epochs=round(self.warmup_fraction * total_steps),
-            max_epochs=total_steps,
-        )
+        scheduler = CosineWarmupScheduler(optimizer, warmup_epochs=self.warmup_steps, max_epochs=self.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -108,7 +113,7 @@ class MomentumPretrainer(EncoderPretrainer, ABC):
         """The EMA momentum used after optimiser step ``optimizer_step`` (0-based)."""
         return cosine_schedule(
             step=optimizer_step,
-            max_steps=int(self.trainer.estimated_stepping_batches),
+            max_steps=self.max_steps,
             start_value=self.base_momentum,
             end_value=self.final_momentum,
         )

@@ -27,15 +27,18 @@ class SimCLR(EncoderPretrainer):
     def __init__(
         self,
         *,
-        encoder_name: str = "efficientnet_lite0",
+        max_steps: int,
+        encoder: str = "efficientnet_lite0",
         projection_hidden_dim: int = 2048,
         projection_dim: int = 128,
         temperature: float = 0.1,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
-        warmup_fraction: float = 0.1,
+        warmup_steps: int = 0,
     ) -> None:
-        super().__init__(encoder_name=encoder_name, lr=lr, weight_decay=weight_decay, warmup_fraction=warmup_fraction)
+        super().__init__(
+            encoder=encoder, max_steps=max_steps, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps
+        )
         self.save_hyperparameters()
         self.projection_head = SimCLRProjectionHead(
             input_dim=self.feature_dim, hidden_dim=projection_hidden_dim, output_dim=projection_dim

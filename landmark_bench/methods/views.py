@@ -6,9 +6,9 @@ changes an X-ray needs: one channel, no hue/saturation jitter, no grey-scale con
 solarisation, small rotations instead, and horizontal flips off by default because they swap the
 patient's left and right, which a landmark detector must tell apart.
 
-Normalisation is a fixed grey one, ``GREY_MEAN``/``GREY_STD``: the ImageNet statistics averaged
-over RGB, the input scale that timm's one-channel weight folding (``in_chans=1``) assumes, so every
-encoder method (scratch, imagenet, simclr, moco, dino) can feed its encoder the same numbers.
+Normalisation is the detector's fixed grey one (``GREY_MEAN``/``GREY_STD`` of
+``landmark_bench.models.decoder``: the ImageNet statistics averaged over RGB), so the pretrained
+encoder sees the same input scale in pretraining and in fine-tuning.
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.transforms import v2 as T
 
-GREY_MEAN = 0.449
-GREY_STD = 0.226
+from landmark_bench.models.decoder import GREY_MEAN, GREY_STD
 
 
 def xray_view(
