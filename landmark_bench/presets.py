@@ -25,8 +25,8 @@ _FINETUNE_COMMON = {
 FINETUNE: dict[str, dict] = {
     "tiny": {**_FINETUNE_COMMON, "resolution": [80, 64], "batch_size": 4, "max_steps": 60, "warmup_steps": 5,
              "val_every": 20, "lr": 3e-3},
-    "cpu": {**_FINETUNE_COMMON, "resolution": [160, 128], "batch_size": 8, "max_steps": 400, "warmup_steps": 20,
-            "val_every": 50, "lr": 2e-3},
+    "cpu": {**_FINETUNE_COMMON, "resolution": [160, 128], "batch_size": 8, "max_steps": 200, "warmup_steps": 20,
+            "val_every": 25, "lr": 2e-3},
     "paper": {**_FINETUNE_COMMON, "resolution": [320, 256], "batch_size": 8, "max_steps": 4000, "warmup_steps": 200,
               "val_every": 250, "lr": 1e-3, "num_workers": 4, "precision": "bf16-mixed", "progress_bar": True},
 }
@@ -90,7 +90,7 @@ SSL_PRETRAIN: dict[str, dict[str, dict]] = {
                  "base_momentum": 0.99, "views": {"size": 32, "scale": [0.2, 1.0]}},
         "dino": {"resolution": 48, "batch_size": 4, "max_steps": 4, "warmup_steps": 1, "lr": 1e-3,
                  "head_hidden_dim": 64, "bottleneck_dim": 32, "output_dim": 128, "teacher_temp_warmup_steps": 2,
-                 "base_momentum": 0.99,
+                 "freeze_last_layer_steps": 1, "base_momentum": 0.99,
                  "views": {"global_size": 32, "local_size": 16, "n_local": 2}},
     },
     "cpu": {
@@ -102,8 +102,8 @@ SSL_PRETRAIN: dict[str, dict[str, dict]] = {
                  "projection_dim": 256, "temperature": 0.2, "base_momentum": 0.99, "views": _CPU_VIEW},
         "dino": {"resolution": [160, 128], "batch_size": 32, "max_steps": 140, "warmup_steps": 14, "lr": 1e-3,
                  "weight_decay": 0.04, "head_hidden_dim": 1024, "bottleneck_dim": 256, "output_dim": 1024,
-                 "teacher_temp": 0.07, "teacher_temp_warmup_steps": 42, "base_momentum": 0.99,
-                 "views": _CPU_MULTI_CROP},
+                 "teacher_temp": 0.07, "teacher_temp_warmup_steps": 42, "freeze_last_layer_steps": 10,
+                 "base_momentum": 0.99, "views": _CPU_MULTI_CROP},
     },
     "paper": {
         "simclr": {"resolution": [320, 256], "batch_size": 128, "max_steps": 5000, "warmup_steps": 500, "lr": 1e-3,
@@ -115,7 +115,8 @@ SSL_PRETRAIN: dict[str, dict[str, dict]] = {
                  "precision": "bf16-mixed", "views": _PAPER_VIEW},
         "dino": {"resolution": [320, 256], "batch_size": 128, "max_steps": 5000, "warmup_steps": 500, "lr": 1e-3,
                  "weight_decay": 0.04, "head_hidden_dim": 2048, "bottleneck_dim": 256, "output_dim": 4096,
-                 "teacher_temp": 0.07, "teacher_temp_warmup_steps": 1500, "base_momentum": 0.996, "num_workers": 8,
+                 "teacher_temp": 0.07, "teacher_temp_warmup_steps": 1500, "freeze_last_layer_steps": 50,
+                 "base_momentum": 0.996, "num_workers": 8,
                  "precision": "bf16-mixed", "views": _PAPER_MULTI_CROP},
     },
 }

@@ -70,53 +70,42 @@ class LossRecorder(L.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def build(method: str, max_steps: int, **overrides) -> tuple[L.LightningModule, object]:
-    """A small configuration of ``method`` and its views, sized for CPU tests."""
-    if method == "simclr":
-        settings = dict(projection_hidden_dim=128, projection_dim=64, temperature=0.2, lr=3e-3)
-        return simclr.SimCLR(encoder=TEST_ENCODER, max_steps=max_steps, **{**settings, **overrides}), simclr.views_transform(
-            **TWO_VIEW_SETTINGS
-        )
-    if method == "moco":
-        settings = dict(projection_hidden_dim=128, prediction_hidden_dim=128, projection_dim=64, base_momentum=0.9, lr=3e-3)
-        return moco.MoCoV3(encoder=TEST_ENCODER, max_steps=max_steps, **{**settings, **overrides}), moco.views_transform(
-            **TWO_VIEW_SETTINGS
-        )
-    # Batch norm in the head: without it a random encoder's teacher outputs barely differ between
-    # images, centering flattens them, and DINO's loss only starts falling after far more steps.
-    # A fixed teacher temperature: its warm-up raises the targets' entropy, and with it the loss.
-    settings = dict(
-        head_hidden_dim=128,
-        bottleneck_dim=64,
-        output_dim=128,
-        head_batch_norm=True,
-        warmup_teacher_temp=0.04,
-        teacher_temp=0.04,
-        base_momentum=0.9,
-        lr=3e-3,
-    )
-    return dino.DINO(encoder=TEST_ENCODER, max_steps=max_steps, **{**settings, **overrides}), dino.views_transform(
-        **MULTI_CROP_SETTINGS
-    )
+# Per method: (LightningModule class, views_transform, small settings for CPU tests).
+# DINO: batch norm in the head, because without it a random encoder's teacher outputs barely differ between
+# images, centering flattens them, and the loss only starts falling after far more steps; and a fixed teacher
+# temperature, because its warm-up raises the targets' entropy and with it the loss.
+METHODS = {
+    "simclr": (simclr.SimCLR, simclr.views_transform, TWO_VIEW_SETTINGS,
+               dict(projection_hidden_dim=128, projection_dim=64, temperature=0.2, lr=3e-3)),
+    "moco": (moco.MoCoV3, moco.views_transform, TWO_VIEW_SETTINGS,
+             dict(projection_hidden_dim=128, prediction_hidden_dim=128, projection_dim=64, base_momentum=0.9, lr=3e-3)),
+    "dino": (dino.DINO, dino.views_transform, MULTI_CROP_SETTINGS,
+             dict(head_hidden_dim=128, bottleneck_dim=64, output_dim=128, head_batch_norm=True,
+                  warmup_teacher_temp=0.04, teacher_temp=0.04, base_momentum=0.9, lr=3e-3)),
+}
 
 
-def train(method: str, tmp_path: Path, steps: int = TRAIN_STEPS, **overrides) -> tuple[L.LightningModule, L.Trainer, list[float], dict]:
-    """Train ``method`` on the phantom set; also returns the initial state dict."""
+def build(method: str, max_steps: int, **overrides) -> tuple[L.LightningModule, DataLoader]:
+    """A small ``method`` module and a loader of its views of the phantom set."""
+    module_class, views_transform, view_settings, settings = METHODS[method]
+    model = module_class(encoder=TEST_ENCODER, max_steps=max_steps, **{**settings, **overrides})
+    loader = DataLoader(PhantomViews(views_transform(**view_settings)), batch_size=8, shuffle=True, drop_last=True)
+    return model, loader
+
+
+def cpu_trainer(max_steps: int, tmp_path: Path, callbacks: list[L.Callback] = ()) -> L.Trainer:
+    return L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks),
+                     default_root_dir=tmp_path)
+
+
+def train(method: str, tmp_path: Path, steps: int = TRAIN_STEPS, **overrides):
+    """Train ``method`` on the phantom set: (model, trainer, per-step losses, initial state dict)."""
     L.seed_everything(0, verbose=False)
-    model, transform = build(method, steps, **overrides)
+    model, loader = build(method, steps, **overrides)
     initial_state = copy.deepcopy(model.state_dict())
     recorder = LossRecorder()
-    trainer = L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[recorder],
-        default_root_dir=tmp_path,
-    )
-    loader = DataLoader(PhantomViews(transform), batch_size=8, shuffle=True, drop_last=True)
+    trainer = cpu_trainer(steps, tmp_path, [recorder])
     trainer.fit(model, loader)
     return model, trainer, recorder.losses, initial_state
 
@@ -185,8 +174,9 @@ def test_momentum_encoder_moves_after_the_online_one(trained):
 def test_momentum_update_follows_the_schedule(momentum, tmp_path):
     """Momentum 0 copies the online weights after every step; momentum 1 never moves the copy."""
     model, _, _, initial_state = train("moco", tmp_path, steps=3, base_momentum=momentum, final_momentum=momentum)
+    online = dict(model.encoder.named_parameters())
     for key, value in model.momentum_encoder.named_parameters():
-        expected = dict(model.encoder.named_parameters())[key] if momentum == 0.0 else initial_state[f"momentum_encoder.{key}"]
+        expected = online[key] if momentum == 0.0 else initial_state[f"momentum_encoder.{key}"]
         assert torch.equal(value, expected), key
 
 
@@ -199,7 +189,9 @@ def test_checkpoint_of_another_method_fails(trained):
 
 def test_checkpoint_without_encoder_prefix_fails(trained, tmp_path):
     checkpoint = torch.load(trained["checkpoint_path"], weights_only=True)
-    checkpoint["state_dict"] = {key.replace("encoder.", "backbone.", 1): value for key, value in checkpoint["state_dict"].items()}
+    checkpoint["state_dict"] = {
+        key.replace("encoder.", "backbone.", 1): value for key, value in checkpoint["state_dict"].items()
+    }
     renamed = tmp_path / "renamed.ckpt"
     torch.save(checkpoint, renamed)
     with pytest.raises(CheckpointError, match="no weights under 'encoder.'"):
@@ -208,12 +200,12 @@ def test_checkpoint_without_encoder_prefix_fails(trained, tmp_path):
 
 @pytest.fixture(scope="module")
 def short_dino_run(tmp_path_factory) -> tuple[dino.DINO, dict]:
-    """Three DINO steps (one per epoch) with the teacher-temperature warm-up and a long last-layer freeze."""
+    """Three DINO steps with the teacher-temperature warm-up and a longer last-layer freeze."""
     model, _, _, initial_state = train(
         "dino",
         tmp_path_factory.mktemp("short_dino"),
         steps=3,
-        freeze_last_layer_epochs=10,
+        freeze_last_layer_steps=10,
         warmup_teacher_temp=0.04,
         teacher_temp=0.07,
         teacher_temp_warmup_steps=2,
@@ -221,7 +213,7 @@ def short_dino_run(tmp_path_factory) -> tuple[dino.DINO, dict]:
     return model, initial_state
 
 
-def test_dino_freezes_the_last_head_layer_during_the_first_epochs(short_dino_run):
+def test_dino_freezes_the_last_head_layer_during_the_first_steps(short_dino_run):
     model, initial_state = short_dino_run
     head = model.projection_head
     assert torch.equal(head.last_layer.weight_v, initial_state["projection_head.last_layer.weight_v"])
@@ -234,6 +226,12 @@ def test_dino_teacher_temperature_warms_up(short_dino_run):
     assert temperatures[0] == pytest.approx(0.04)
     assert temperatures[0] < temperatures[1] < temperatures[2]
     assert temperatures[2] == temperatures[3] == pytest.approx(0.07)
+
+
+def test_schedules_refuse_a_trainer_with_other_max_steps(tmp_path):
+    model, loader = build("simclr", max_steps=5)
+    with pytest.raises(ValueError, match="max_steps"):
+        cpu_trainer(3, tmp_path).fit(model, loader)
 
 
 @pytest.mark.parametrize("method", ["simclr", "moco"])
@@ -264,7 +262,10 @@ def half_bright(size: int = IMAGE_SIZE) -> Image.Image:
 @pytest.mark.parametrize("make_views", [simclr.views_transform, moco.views_transform, dino.views_transform])
 def test_flips_are_off_by_default_and_a_setting(make_views):
     # Whole-image crops, no rotation or jitter: only a flip could move the bright half.
-    settings = {"scale": (1.0, 1.0)} if make_views is not dino.views_transform else {"global_scale": (1.0, 1.0), "n_local": 0}
+    if make_views is dino.views_transform:
+        settings = {"global_scale": (1.0, 1.0), "n_local": 0}
+    else:
+        settings = {"scale": (1.0, 1.0)}
     settings.update(rotation_prob=0.0, jitter_prob=0.0)
     image = half_bright()
 

@@ -54,11 +54,14 @@ def build_backbone(
     pretrained: str | None = None,
     dataset: str | None = None,
     diffusion_timestep: int | None = None,
+    decoder_channels: tuple[int, ...] = (64, 32, 24, 16, 16),
 ) -> nn.Module:
     """The backbone ``method`` is fine-tuned from: (B, 1, H, W) in [0, 1] -> full-resolution features."""
     check_method(method, ENCODER_METHODS + DIFFUSION_METHODS)
     if method in PRETRAINING and pretrained is None:
         raise ValueError(f"method {method!r} needs a pretraining checkpoint (--pretrained CKPT)")
+    if method not in PRETRAINING and pretrained is not None:
+        raise ValueError(f"method {method!r} takes no pretraining checkpoint, but --pretrained {pretrained} was given")
     if method in DIFFUSION_METHODS:
         return method_module(method).build_backbone(pretrained, dataset, diffusion_timestep)
     model = create_encoder(encoder)
@@ -68,4 +71,4 @@ def build_backbone(
         model.load_state_dict(imagenet_encoder_state(encoder), strict=True)
     elif method in PRETRAINING:
         model.load_state_dict(method_module(method).encoder_state_dict(pretrained), strict=True)
-    return EncoderBackbone(model)
+    return EncoderBackbone(model, decoder_channels)

@@ -3,7 +3,7 @@
 Student: encoder -> lightly ``DINOProjectionHead``, trained on 2 global + N local crops. Teacher: EMA
 copies of both, fed the global crops only. lightly ``DINOLoss`` with centering; the teacher
 temperature warms up linearly over the first ``teacher_temp_warmup_steps`` and the
-last layer of the head stays frozen for the first ``freeze_last_layer_epochs`` epochs (its gradients
+last layer of the head stays frozen for the first ``freeze_last_layer_steps`` steps (its gradients
 are dropped after backward, as in the reference code).
 
 The output dimension defaults to 2048, not DINO's 65536: that figure is sized for ImageNet's 1.28 M
@@ -46,7 +46,7 @@ class DINO(MomentumPretrainer):
         bottleneck_dim: int = 256,
         output_dim: int = 2048,
         head_batch_norm: bool = False,
-        freeze_last_layer_epochs: int = 1,
+        freeze_last_layer_steps: int = 0,
         student_temp: float = 0.1,
         warmup_teacher_temp: float = 0.04,
         teacher_temp: float = 0.07,
@@ -75,7 +75,7 @@ class DINO(MomentumPretrainer):
                 bottleneck_dim=bottleneck_dim,
                 output_dim=output_dim,
                 batch_norm=head_batch_norm,
-                freeze_last_layer=freeze_last_layer_epochs,
+                freeze_last_layer=freeze_last_layer_steps,
             )
             for _ in range(2)
         )
@@ -119,7 +119,8 @@ class DINO(MomentumPretrainer):
 
     def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
         # After backward, before the step: the only place where dropping the gradients freezes the layer.
-        self.projection_head.cancel_last_layer_gradients(self.current_epoch)
+        # Counted in steps (lightly's argument is named for epochs), as every schedule here.
+        self.projection_head.cancel_last_layer_gradients(self.trainer.global_step)
 
 
 def views_transform(**kwargs: Any) -> XRayViews:

@@ -56,7 +56,7 @@ class MoCoV3(MomentumPretrainer):
         base_momentum: float = 0.99,
         final_momentum: float = 1.0,
         lr: float = 1e-3,
-        weight_decay: float = 1e-4,
+        weight_decay: float = 0.05,
         warmup_steps: int = 0,
     ) -> None:
         super().__init__(

@@ -33,7 +33,7 @@ class SimCLR(EncoderPretrainer):
         projection_dim: int = 128,
         temperature: float = 0.1,
         lr: float = 1e-3,
-        weight_decay: float = 1e-4,
+        weight_decay: float = 0.05,
         warmup_steps: int = 0,
     ) -> None:
         super().__init__(

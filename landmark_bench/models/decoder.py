@@ -31,7 +31,7 @@ class EncoderBackbone(nn.Module):
     so a heatmap peak can be placed to a network pixel before sub-pixel refinement.
     """
 
-    def __init__(self, encoder: nn.Module, decoder_channels: Sequence[int] = (128, 64, 48, 32, 24)):
+    def __init__(self, encoder: nn.Module, decoder_channels: Sequence[int] = (64, 32, 24, 16, 16)):
         super().__init__()
         self.encoder = encoder
         skips = list(encoder.feature_info.channels())[::-1]  # deepest first

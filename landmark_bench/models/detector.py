@@ -52,6 +52,8 @@ class LandmarkDetector(L.LightningModule):
         weight_decay: float = 1e-4,
         max_steps: int = 500,
         warmup_steps: int = 50,
+        decoder_channels: tuple[int, ...] = (64, 32, 24, 16, 16),
+        channels_last: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -60,17 +62,24 @@ class LandmarkDetector(L.LightningModule):
         from landmark_bench.methods import build_backbone  # the registry imports this module
 
         self.backbone = build_backbone(method, encoder=encoder, pretrained=pretrained, dataset=dataset,
-                                       diffusion_timestep=diffusion_timestep)
+                                       diffusion_timestep=diffusion_timestep, decoder_channels=decoder_channels)
         channels = num_landmarks + (1 if loss == "pixel_ce" else 0)
         self.head = nn.Conv2d(self.backbone.out_channels, channels, 3, padding=1)
+        if channels_last:  # oneDNN and cuDNN convolutions run faster on NHWC (benchmarks/RESULTS.md)
+            self.to(memory_format=torch.channels_last)
+
+    def _logits(self, image: torch.Tensor) -> torch.Tensor:
+        if self.hparams.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        return self.head(self.backbone(image))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) image in [0, 1] -> (B, L, H, W) landmark heatmap logits."""
-        logits = self.head(self.backbone(image))
+        logits = self._logits(image)
         return logits[:, 1:] if self.hparams.loss == "pixel_ce" else logits
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        logits = self.head(self.backbone(batch["image"]))
+        logits = self._logits(batch["image"])
         if self.hparams.loss == "pixel_ce":
             target = disc_targets(batch["landmarks"], logits.shape[-2:], self.hparams.disc_radius)
             loss = pixel_cross_entropy(logits, target)
