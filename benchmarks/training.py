@@ -1,0 +1,157 @@
+"""Optimiser steps/s under Lightning against a bare PyTorch loop, and peak memory, per method.
+
+Both loops run the same LightningModule's ``training_step`` on the same cached batches with the same
+optimiser in the same process; the bare loop calls backward, the optimiser, the scheduler and the
+module's ``on_train_batch_end`` (momentum updates) itself. Each method runs in its own subprocess so
+that peak memory is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import lightning.pytorch as L
+import torch
+
+from benchmarks.common import markdown_table, report
+from landmark_bench.data.datamodule import LandmarkDataModule, UnlabeledDataModule
+from landmark_bench.methods import DIFFUSION_METHODS, PRETRAINING, method_module, pretraining_class
+from landmark_bench.models.detector import LandmarkDetector
+from landmark_bench.presets import get_preset
+from landmark_bench.pretrain import RUN_KEYS
+
+FINETUNE = "finetune"
+
+
+def build(method: str, preset: str, data_dir: str, dataset: str):
+    settings = get_preset(preset)
+    if method == FINETUNE:
+        cfg = settings["finetune"]
+        datamodule = LandmarkDataModule(dataset, data_dir, shots=10, seed=0, resolution=cfg["resolution"],
+                                        batch_size=cfg["batch_size"], sigma=cfg["sigma"],
+                                        samples_per_epoch=cfg["batch_size"] * 10_000)
+        model = LandmarkDetector(num_landmarks=datamodule.reader.num_landmarks, method="imagenet",
+                                 lr=cfg["lr"], max_steps=cfg["max_steps"], warmup_steps=cfg["warmup_steps"])
+        return model, datamodule
+    cfg = settings["pretrain"][method]
+    kwargs = {key: value for key, value in cfg.items() if key not in RUN_KEYS}
+    datasets = ["isbi2015", "aasce2019", "hand", "chest"]
+    if method in DIFFUSION_METHODS:
+        kwargs.update(unet=settings["unet"], dataset_names=datasets)
+        transform = None
+    else:
+        kwargs.update(encoder=settings["encoder"])
+        transform = method_module(method).views_transform(**cfg.get("views", {}))
+    model = pretraining_class(method)(**kwargs)
+    datamodule = UnlabeledDataModule(datasets, data_dir, resolution=cfg["resolution"], batch_size=cfg["batch_size"],
+                                     transform=transform)
+    return model, datamodule
+
+
+def bare_loop(model: L.LightningModule, batches: list, device: torch.device) -> float:
+    """Steps/s of a plain loop over the module's own step, optimiser and scheduler."""
+    configured = model.configure_optimizers()
+    optimizer = configured["optimizer"] if isinstance(configured, dict) else configured
+    scheduler = configured.get("lr_scheduler", {}).get("scheduler") if isinstance(configured, dict) else None
+    model.train()
+    started = time.perf_counter()
+    for index, batch in enumerate(batches):
+        batch = {key: [v.to(device) for v in value] if isinstance(value, list) else value.to(device)
+                 for key, value in batch.items()}
+        loss = model.training_step(batch, index)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        model.on_train_batch_end(loss, batch, index)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return len(batches) / (time.perf_counter() - started)
+
+
+class StepTimer(L.Callback):
+    """Times the steps after warm-up, as the bare loop does."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.started, self.steps = warmup, None, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.warmup and self.started is None:
+            self.started = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.elapsed = time.perf_counter() - self.started
+        self.steps = trainer.global_step - self.warmup
+
+
+def measure(method: str, preset: str, data_dir: str, dataset: str, steps: int, warmup: int) -> dict:
+    L.seed_everything(0, verbose=False)
+    accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    device = torch.device("cuda" if accelerator == "gpu" else "cpu")
+    model, datamodule = build(method, preset, data_dir, dataset)
+    datamodule.setup("fit")
+    loader = datamodule.train_dataloader()
+    batches, iterator = [], iter(loader)
+    while len(batches) < warmup + steps:
+        try:
+            batches.append(next(iterator))
+        except StopIteration:
+            iterator = iter(loader)
+    model.to(device)
+    bare_loop(model, batches[:warmup], device)  # warm-up: kernel selection, allocator
+    bare = bare_loop(model, batches[warmup:], device)
+
+    model, _ = build(method, preset, data_dir, dataset)
+    timer = StepTimer(warmup)
+    trainer = L.Trainer(max_steps=warmup + steps, accelerator=accelerator, devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[timer], num_sanity_val_steps=0, limit_val_batches=0)
+    if hasattr(model.hparams, "max_steps"):
+        model.hparams.max_steps = warmup + steps
+    trainer.fit(model, train_dataloaders=[batches])
+    lightning = timer.steps / timer.elapsed
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return {"method": method, "bare": bare, "lightning": lightning, "peak_mib": peak}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--preset", default="cpu")
+    parser.add_argument("--data-dir", default="../shared/data")
+    parser.add_argument("--dataset", default="isbi2015")
+    parser.add_argument("--methods", nargs="+", default=[FINETUNE, *PRETRAINING])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--no-append", action="store_true")
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one, args.preset, args.data_dir, args.dataset, args.steps, args.warmup)))
+        return
+    rows = []
+    for method in args.methods:
+        command = [sys.executable, "-m", "benchmarks.training", "--one", method, "--preset", args.preset,
+                   "--data-dir", args.data_dir, "--dataset", args.dataset, "--steps", str(args.steps),
+                   "--warmup", str(args.warmup)]
+        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        result = json.loads(output.strip().splitlines()[-1])
+        overhead = 100 * (result["bare"] / result["lightning"] - 1)
+        rows.append([method, f"{result['bare']:.2f}", f"{result['lightning']:.2f}", f"{overhead:+.1f} %",
+                     f"{result['peak_mib']:.0f}"])
+    memory = "peak GPU memory allocated (MiB)" if torch.cuda.is_available() else "peak process RSS (MiB)"
+    table = markdown_table(["method (finetune = detector)", "bare loop steps/s", "Lightning steps/s",
+                            "Lightning overhead", memory], rows)
+    report(f"Training steps/s, Lightning vs bare PyTorch, preset {args.preset}", table,
+           f"{args.steps} timed steps after {args.warmup} warm-up steps, same batches, same module and optimiser.",
+           append=not args.no_append)
+
+
+if __name__ == "__main__":
+    main()
