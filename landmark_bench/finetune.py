@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import time
 import traceback
 from pathlib import Path
 
 import lightning.pytorch as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -24,6 +26,18 @@ from landmark_bench.tracking import finish, run_loggers
 
 # Under DDP every rank runs this function; only rank zero records the run.
 record_json = rank_zero_only(write_json)
+
+
+def threads_per_process(processes: int) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, processes))
+
+
+def share_cores(accelerator: str, devices: int | str) -> None:
+    """CPU DDP ranks split the cores: more threads than cores makes every rank crawl."""
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if on_cpu and isinstance(devices, int) and devices > 1:
+        torch.set_num_threads(threads_per_process(devices))
 
 
 def code_version() -> str:
@@ -87,6 +101,7 @@ def finetune(
     loggers = []
     try:
         L.seed_everything(seed, workers=True, verbose=False)
+        share_cores(accelerator, devices)
         datamodule = LandmarkDataModule(
             dataset=dataset, data_dir=data_dir, shots=shots, seed=seed, resolution=cfg["resolution"],
             batch_size=cfg["batch_size"], sigma=cfg["sigma"], augment=cfg["augment"],

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from landmark_bench.checkpoints import read_checkpoint
 from landmark_bench.data.datamodule import UnlabeledDataModule
-from landmark_bench.finetune import code_version, config_hash, record_json
+from landmark_bench.finetune import code_version, config_hash, record_json, share_cores
 from landmark_bench.io import atomic_write
 from landmark_bench.methods import DIFFUSION_METHODS, PRETRAINING, check_method, method_module, pretraining_class
 from landmark_bench.presets import get_preset
@@ -58,6 +58,7 @@ def pretrain(
     loggers = []
     try:
         L.seed_everything(seed, workers=True, verbose=False)
+        share_cores(accelerator, devices)
         module_kwargs = {key: value for key, value in cfg.items() if key not in RUN_KEYS}
         module = method_module(method)
         if method in DIFFUSION_METHODS:

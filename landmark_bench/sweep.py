@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from landmark_bench.data.datamodule import parse_shots
+from landmark_bench.finetune import threads_per_process
 from landmark_bench.io import write_csv, write_json
 from landmark_bench.methods import FINETUNE_METHODS, PRETRAINING, check_method
 from landmark_bench.presets import get_preset
@@ -136,10 +137,13 @@ def execute(job: PretrainJob | FinetuneJob, data_dir: str | None, group: str, de
     return "done" if code == 0 and job.state() == "done" else "failed"
 
 
-def run_subprocess(job: PretrainJob | FinetuneJob, data_dir: str | None, group: str, slot: str) -> str:
+def run_subprocess(job: PretrainJob | FinetuneJob, data_dir: str | None, group: str, slot: str,
+                   cpu_slots: int = 1) -> str:
     env = dict(os.environ)
     if slot.startswith("cuda:"):
         env["CUDA_VISIBLE_DEVICES"] = slot.split(":", 1)[1]
+    else:  # CPU processes share the cores: more threads than cores makes every one of them crawl
+        env["OMP_NUM_THREADS"] = str(threads_per_process(cpu_slots))
     log = Path(job.out) / "job.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a") as stream:
@@ -176,7 +180,7 @@ class Runner:
             def on_slot(job):
                 slot = free.get()
                 try:
-                    run_subprocess(job, self.data_dir, self.group, slot)
+                    run_subprocess(job, self.data_dir, self.group, slot, len(self.slots))
                 finally:
                     free.put(slot)
                 on_finish(job)
