@@ -24,7 +24,8 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed ## create .venv and install the package with its test extras
 
 test: $(VENV)/.installed ## run the test suite on the real data (DATA_DIR, default ../shared/data) and the phantom
-	DATA_DIR=$(TEST_DATA_DIR) $(PY) -m pytest -q
+	# one thread per process: tiny models and parallel test processes gain nothing from more
+	OMP_NUM_THREADS=1 DATA_DIR=$(TEST_DATA_DIR) $(PY) -m pytest -q
 
 benchmark: $(VENV)/.installed ## sweep METHODS x DATASETS x SHOTS x SEEDS under PRESET and print the leaderboard
 	$(VENV)/bin/landmark-bench sweep --preset $(PRESET) --methods $(METHODS) --datasets $(DATASETS) \
