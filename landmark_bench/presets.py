@@ -56,7 +56,7 @@ UNET: dict[str, dict] = {
 _DDPM = {
     "tiny": {"resolution": 16, "batch_size": 4, "max_steps": 8, "lr": 1e-3, "warmup_steps": 2, "ema_decay": 0.9,
              "lr_schedule": "cosine", "weight_decay": 1e-6, "num_train_timesteps": 1000, "beta_schedule": "linear"},
-    "cpu": {"resolution": 64, "batch_size": 8, "max_steps": 600, "lr": 3e-4, "warmup_steps": 30, "ema_decay": 0.99,
+    "cpu": {"resolution": 64, "batch_size": 8, "max_steps": 450, "lr": 3e-4, "warmup_steps": 25, "ema_decay": 0.99,
             "lr_schedule": "cosine", "weight_decay": 1e-6, "num_train_timesteps": 1000, "beta_schedule": "linear"},
     "paper": {"resolution": 256, "batch_size": 16, "max_steps": 60000, "lr": 1e-4, "warmup_steps": 1000,
               "ema_decay": 0.9999, "lr_schedule": "cosine", "weight_decay": 1e-6, "num_train_timesteps": 1000,
