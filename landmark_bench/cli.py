@@ -96,7 +96,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     results = run_sweep(out=args.out, methods=args.methods, datasets=args.datasets, shots=args.shots, seeds=args.seeds,
                         preset=args.preset, data_dir=args.data_dir, launcher=args.launcher, slots=args.slots,
                         pretrain_datasets=args.pretrain_datasets, dry_run=args.dry_run, slurm=slurm,
-                        devices=args.devices)
+                        devices=args.devices, collect=args.collect)
     if results is not None:
         publish_leaderboard(Path(args.out))
 
@@ -175,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--slurm", nargs="*", help="slurm launcher parameters, e.g. slurm_partition=gpu gpus_per_node=1")
     sweep.add_argument("--devices", type=integer, default=1, help="devices per job (Lightning DDP when > 1)")
     sweep.add_argument("--dry-run", action="store_true", help="print the plan, what is done and the estimated cost")
+    sweep.add_argument("--collect", action="store_true",
+                       help="rebuild results.csv and the leaderboard from the run folders, running nothing")
     sweep.set_defaults(run=cmd_sweep)
 
     leaderboard = commands.add_parser("leaderboard", help="tables and figures from a sweep's results.csv")

@@ -267,13 +267,17 @@ def run_sweep(
     *, out: str | Path, methods: list[str], datasets: list[str], shots: list, seeds: list[int], preset: str = "cpu",
     data_dir: str | None = None, launcher: str = "inprocess", slots: list[str] | None = None,
     pretrain_datasets: list[str] | None = None, dry_run: bool = False, slurm: dict | None = None, devices: int = 1,
+    collect: bool = False,
 ) -> pd.DataFrame | None:
-    """Plan, run what is not done yet, rebuild ``results.csv`` and the leaderboard; ``dry_run`` only prints."""
+    """Plan, run what is not done yet, rebuild ``results.csv`` and the leaderboard; ``dry_run`` only prints;
+    ``collect`` rebuilds ``results.csv`` from the run folders without running anything."""
     out = Path(out)
     pretraining, finetunes = plan(out, methods, datasets, shots, seeds, preset, pretrain_datasets)
     print(describe(pretraining, finetunes), flush=True)
     if dry_run:
         return None
+    if collect:
+        return write_results(out, finetunes, data_dir)
     out.mkdir(parents=True, exist_ok=True)
     group = out.resolve().name
     write_json(out / "sweep.json", {"methods": methods, "datasets": datasets, "shots": [str(s) for s in shots],
