@@ -31,7 +31,7 @@ def main() -> None:
         [[row.method, row.dataset, row.shots, int(row.seed), row.status, f"{row[f'{split}_mre']:.3f}",
           *[f"{row[column]:.1f}" for column in sdr],
           "–" if pd.isna(row[f"{split}_ere"]) else f"{row[f'{split}_ere']:.3f}", f"{row.val_mre:.3f}",
-          f"{row.train_seconds:.1f}", f"{row.wall_seconds:.1f}"] for row in runs.itertuples()],
+          f"{row.train_seconds:.1f}", f"{row.wall_seconds:.1f}"] for _, row in runs.iterrows()],
     )
     settings = json.loads((sweep / "sweep.json").read_text())
     pretraining, measured_pretrain, estimated = [], 0.0, 0.0
@@ -42,7 +42,7 @@ def main() -> None:
         estimated += estimate_seconds(job)
         pretraining.append([record["method"], record["steps"], f"{record['wall_seconds'] / 60:.2f}",
                             f"{estimate_seconds(job) / 60:.2f}"])
-    for row in runs.itertuples():
+    for _, row in runs.iterrows():
         estimated += estimate_seconds(FinetuneJob(row.method, row.dataset, row.shots, int(row.seed), row.preset, ""))
     finetune_minutes = runs.wall_seconds.sum() / 60
     stages = markdown_table(["stage", "jobs", "summed job time (min)"], [
