@@ -142,13 +142,14 @@ PRESETS: dict[str, dict] = {
     },
 }
 
-# Cost model of the sweep's dry run (seconds; per optimiser step where it says so), measured on the machine
-# named in benchmarks/RESULTS.md ("Sweep cost"): start-up of a run, evaluation of val + test, and step times.
+# Cost model of the sweep's dry run (seconds; per optimiser step where it says so). ``cpu``: measured in the
+# ISBI 10-shot sweep of benchmarks/RESULTS.md (one thread per job, two jobs on a 2-core CPU); the other presets
+# are guesses until measured.
 ESTIMATE: dict[str, dict] = {
     "tiny": {"startup": 5.0, "evaluation": 2.0, "finetune_step": {"encoder": 0.1, "diffusion": 0.1},
              "pretrain_step": {"ddpm": 0.1, "cdpm_align": 0.15, "simclr": 0.1, "moco": 0.1, "dino": 0.2}},
-    "cpu": {"startup": 15.0, "evaluation": 15.0, "finetune_step": {"encoder": 0.15, "diffusion": 0.3},
-            "pretrain_step": {"ddpm": 0.4, "cdpm_align": 0.5, "simclr": 0.5, "moco": 0.5, "dino": 0.8}},
+    "cpu": {"startup": 5.0, "evaluation": 5.0, "finetune_step": {"encoder": 0.57, "diffusion": 2.45},
+            "pretrain_step": {"ddpm": 0.42, "cdpm_align": 0.53, "simclr": 1.0, "moco": 1.26, "dino": 2.4}},
     "paper": {"startup": 30.0, "evaluation": 30.0, "finetune_step": {"encoder": 0.05, "diffusion": 0.1},
               "pretrain_step": {"ddpm": 0.1, "cdpm_align": 0.12, "simclr": 0.1, "moco": 0.1, "dino": 0.15}},
 }
