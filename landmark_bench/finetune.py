@@ -91,6 +91,8 @@ def finetune(
     cfg = {**settings["finetune"], **(overrides or {})}
     out = Path(out or Path("runs") / run_dir_name(method, dataset, shots, seed))
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.tmp"):  # left by a run killed mid-write; the files they would replace are whole
+        stale.unlink(missing_ok=True)
     config = {"method": method, "dataset": dataset, "shots": shots, "seed": seed, "preset": preset,
               "encoder": settings["encoder"], "pretrained": pretrained, "finetune": cfg,
               "reader_options": reader_options or {}}
