@@ -9,6 +9,11 @@ PRESET ?= cpu
 METHODS ?= mean_shape scratch imagenet simclr moco dino ddpm cdpm_align
 DATASETS ?= $(if $(DATA_DIR),isbi2015,phantom)
 OUT ?= sweeps/$(PRESET)-$(firstword $(DATASETS))-$(SHOTS)shot
+# jobs run as local processes, one per slot: JOBS CPU processes sharing the cores (one OpenMP thread each on a
+# 2-core machine), or SLOTS="cuda:0 cuda:1" for one job per GPU; LAUNCHER=slurm sends them to a cluster
+LAUNCHER ?= local
+JOBS ?= 2
+SLOTS ?= $(foreach _,$(shell seq $(JOBS)),cpu)
 TEST_DATA_DIR ?= $(if $(DATA_DIR),$(DATA_DIR),../shared/data)
 
 .PHONY: help install test benchmark clean
@@ -29,7 +34,8 @@ test: $(VENV)/.installed ## run the test suite on the real data (DATA_DIR, defau
 
 benchmark: $(VENV)/.installed ## sweep METHODS x DATASETS x SHOTS x SEEDS under PRESET and print the leaderboard
 	$(VENV)/bin/landmark-bench sweep --preset $(PRESET) --methods $(METHODS) --datasets $(DATASETS) \
-		--shots $(SHOTS) --seeds $(SEEDS) --out $(OUT) $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
+		--shots $(SHOTS) --seeds $(SEEDS) --out $(OUT) $(if $(DATA_DIR),--data-dir $(DATA_DIR),) \
+		--launcher $(LAUNCHER) $(if $(filter local,$(LAUNCHER)),--slots $(SLOTS),)
 
 clean: ## remove the virtual environment and caches (not the data cache in ~/.cache/landmark_bench)
 	rm -rf $(VENV) .pytest_cache

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from benchmarks.common import markdown_table, report
 from landmark_bench.data.cache import resize_grey
-from landmark_bench.data.datamodule import LandmarkDataset, as_size
+from landmark_bench.data.datamodule import LandmarkDataset, as_size, keep_batch
 from landmark_bench.data.cache import cached_images
 from landmark_bench.data.registry import get_reader
 from landmark_bench.data.transforms import Augment
@@ -41,8 +41,9 @@ class NaiveDataset(Dataset):
         return {"image": image, "landmarks": points, "target": gaussian_targets(points, self.size, self.sigma)}
 
 
-def samples_per_second(dataset: Dataset, batch_size: int, workers: int, samples: int) -> float:
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True)
+def samples_per_second(dataset: Dataset, batch_size: int, workers: int, samples: int, **loader_options) -> float:
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
+                        **loader_options)
     seen, started = 0, time.perf_counter()
     while seen < samples:
         for batch in loader:
@@ -72,7 +73,7 @@ def main() -> None:
     naive = NaiveDataset(reader, records, size, sigma=2.0)
     rows = []
     for workers in args.workers:
-        fast = samples_per_second(cached, args.batch_size, workers, args.samples)
+        fast = samples_per_second(cached, args.batch_size, workers, args.samples, collate_fn=keep_batch)
         slow = samples_per_second(naive, args.batch_size, workers, args.naive_samples)
         rows.append([workers, f"{fast:.1f}", f"{slow:.2f}", f"{fast / slow:.0f}x"])
     table = markdown_table(["workers", "cached samples/s", "naive (decode+resize) samples/s", "ratio"], rows)

@@ -13,10 +13,13 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import lightning.pytorch as L
 import torch
+from torch.utils.data import DataLoader
 
 from benchmarks.common import markdown_table, report
 from landmark_bench.data.datamodule import LandmarkDataModule, UnlabeledDataModule
@@ -25,18 +28,35 @@ from landmark_bench.models.detector import LandmarkDetector
 from landmark_bench.presets import get_preset
 from landmark_bench.pretrain import RUN_KEYS
 
-FINETUNE = "finetune"
+# fine-tuning rows: the detector with the ImageNet encoder, and with the ddpm UNet (the diffusion rows' backbone)
+FINETUNE = {"finetune-encoder": "imagenet", "finetune-unet": "ddpm"}
 
 
-def build(method: str, preset: str, data_dir: str, dataset: str):
+def unet_checkpoint(preset: str, data_dir: str, folder: Path) -> str:
+    """A ``ddpm`` checkpoint of the preset's UNet after one step: what the diffusion fine-tunes load."""
+    model, datamodule = build("ddpm", preset, data_dir, "")
+    model.hparams.max_steps = 1
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, datamodule=datamodule)
+    path = folder / "ddpm.ckpt"
+    trainer.save_checkpoint(path, weights_only=True)
+    return str(path)
+
+
+def build(method: str, preset: str, data_dir: str, dataset: str, channels_last: bool | None = None):
     settings = get_preset(preset)
-    if method == FINETUNE:
+    if method in FINETUNE:
         cfg = settings["finetune"]
         datamodule = LandmarkDataModule(dataset, data_dir, shots=10, seed=0, resolution=cfg["resolution"],
                                         batch_size=cfg["batch_size"], sigma=cfg["sigma"],
                                         samples_per_epoch=cfg["batch_size"] * 10_000)
-        model = LandmarkDetector(num_landmarks=datamodule.reader.num_landmarks, method="imagenet",
-                                 lr=cfg["lr"], max_steps=cfg["max_steps"], warmup_steps=cfg["warmup_steps"])
+        pretrained = None
+        if FINETUNE[method] in DIFFUSION_METHODS:
+            pretrained = unet_checkpoint(preset, data_dir, Path(tempfile.mkdtemp()))
+        model = LandmarkDetector(num_landmarks=datamodule.reader.num_landmarks, method=FINETUNE[method],
+                                 pretrained=pretrained, dataset=dataset, lr=cfg["lr"], max_steps=cfg["max_steps"],
+                                 warmup_steps=cfg["warmup_steps"], channels_last=channels_last)
         return model, datamodule
     cfg = settings["pretrain"][method]
     kwargs = {key: value for key, value in cfg.items() if key not in RUN_KEYS}
@@ -106,6 +126,12 @@ def measure(method: str, preset: str, data_dir: str, dataset: str, steps: int, w
     model.to(device)
     bare_loop(model, batches[:warmup], device)  # warm-up: kernel selection, allocator
     bare = bare_loop(model, batches[warmup:], device)
+    flipped = None
+    if method in FINETUNE:  # the same detector in the other memory format, to check the backbone's choice
+        other, _ = build(method, preset, data_dir, dataset, channels_last=not model.hparams.channels_last)
+        other.to(device)
+        bare_loop(other, batches[:warmup], device)
+        flipped = {"channels_last": other.hparams.channels_last, "bare": bare_loop(other, batches[warmup:], device)}
 
     model, _ = build(method, preset, data_dir, dataset)
     timer = StepTimer(warmup)
@@ -114,11 +140,11 @@ def measure(method: str, preset: str, data_dir: str, dataset: str, steps: int, w
                         callbacks=[timer], num_sanity_val_steps=0, limit_val_batches=0)
     if hasattr(model.hparams, "max_steps"):
         model.hparams.max_steps = warmup + steps
-    trainer.fit(model, train_dataloaders=[batches])
+    trainer.fit(model, train_dataloaders=DataLoader(batches, batch_size=None))  # the prepared batches, as they are
     lightning = timer.steps / timer.elapsed
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return {"method": method, "bare": bare, "lightning": lightning, "peak_mib": peak}
+    return {"method": method, "bare": bare, "lightning": lightning, "peak_mib": peak, "flipped": flipped}
 
 
 def main() -> None:
@@ -126,7 +152,7 @@ def main() -> None:
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--data-dir", default="../shared/data")
     parser.add_argument("--dataset", default="isbi2015")
-    parser.add_argument("--methods", nargs="+", default=[FINETUNE, *PRETRAINING])
+    parser.add_argument("--methods", nargs="+", default=[*FINETUNE, *PRETRAINING])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -143,13 +169,19 @@ def main() -> None:
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         result = json.loads(output.strip().splitlines()[-1])
         overhead = 100 * (result["bare"] / result["lightning"] - 1)
+        flipped = result["flipped"]
+        other_format = "–" if flipped is None else (
+            f"{flipped['bare']:.2f} ({'NHWC' if flipped['channels_last'] else 'NCHW'})")
         rows.append([method, f"{result['bare']:.2f}", f"{result['lightning']:.2f}", f"{overhead:+.1f} %",
-                     f"{result['peak_mib']:.0f}"])
+                     f"{result['peak_mib']:.0f}", other_format])
     memory = "peak GPU memory allocated (MiB)" if torch.cuda.is_available() else "peak process RSS (MiB)"
-    table = markdown_table(["method (finetune = detector)", "bare loop steps/s", "Lightning steps/s",
-                            "Lightning overhead", memory], rows)
+    table = markdown_table(["method", "bare loop steps/s", "Lightning steps/s", "Lightning overhead", memory,
+                            "bare loop steps/s, other memory format"], rows)
     report(f"Training steps/s, Lightning vs bare PyTorch, preset {args.preset}", table,
-           f"{args.steps} timed steps after {args.warmup} warm-up steps, same batches, same module and optimiser.",
+           f"{args.steps} timed steps after {args.warmup} warm-up steps, same batches, same module and optimiser; "
+           f"{torch.get_num_threads()} threads. finetune-encoder: the detector with the ImageNet encoder; "
+           "finetune-unet: with the ddpm UNet. The last column runs the detector in the memory format its "
+           "backbone does not choose.",
            append=not args.no_append)
 
 

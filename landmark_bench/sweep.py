@@ -15,7 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from queue import Queue
+from threading import Condition
 
 import numpy as np
 import pandas as pd
@@ -99,6 +99,17 @@ def estimate_seconds(job: PretrainJob | FinetuneJob) -> float:
             + settings["finetune"]["max_steps"] * settings["estimate"]["finetune_step"][family])
 
 
+def by_priority(pretraining: list[PretrainJob], finetunes: list[FinetuneJob]) -> list:
+    """Pretrainings first, those with the longest chain (itself and its fine-tunes) first, then the fine-tunes
+    longest first: the longest work starts early and short jobs fill the gaps at the end."""
+    chain = {job.method: estimate_seconds(job) for job in pretraining}
+    for job in finetunes:
+        if job.method in chain:
+            chain[job.method] += estimate_seconds(job)
+    return [*sorted(pretraining, key=lambda job: chain[job.method], reverse=True),
+            *sorted(finetunes, key=estimate_seconds, reverse=True)]
+
+
 def describe(pretraining: list[PretrainJob], finetunes: list[FinetuneJob]) -> str:
     lines, total = [], 0.0
     for job in [*pretraining, *finetunes]:
@@ -164,31 +175,66 @@ class Runner:
         self.launcher, self.data_dir, self.group, self.slots = launcher, data_dir, group, slots
         self.folder, self.slurm, self.devices = folder, slurm or {}, devices
 
-    def run(self, jobs: list, on_finish) -> None:
-        pending = [job for job in jobs if job.state() != "done"]
-        if not pending:
-            return
-        if self.launcher == "inprocess":
-            for job in pending:
-                execute(job, self.data_dir, self.group, self.devices)
-                on_finish(job)
-        elif self.launcher == "local":
-            free: Queue[str] = Queue()
-            for slot in self.slots:
-                free.put(slot)
+    def run(self, jobs: list, on_finish, needs=lambda job: None) -> None:
+        """Run every job not done yet, in the given (priority) order, each once the job it ``needs`` finished.
 
-            def on_slot(job):
-                slot = free.get()
-                try:
-                    run_subprocess(job, self.data_dir, self.group, slot, len(self.slots))
-                finally:
-                    free.put(slot)
-                on_finish(job)
+        A job whose needed job failed in this run is recorded as failed without running. Local slots start
+        the first ready job as soon as a slot is free, so fine-tunes that need nothing fill the slots while
+        pretrainings run; the other launchers run in waves (what is ready, then what that unblocked).
+        """
+        pending = [job for job in jobs if job.state() != "done"]
+        finished: set[str] = set()
+
+        def blocked(job) -> bool | None:
+            """None: may run; True: its needed job failed; False: must wait for it."""
+            needed = needs(job)
+            if needed is None or needed.state() == "done":
+                return None
+            return needed.out in finished
+
+        def settle(job, slot: str | None = None) -> None:
+            needed = needs(job)
+            if blocked(job):
+                Path(job.out).mkdir(parents=True, exist_ok=True)
+                write_json(Path(job.out) / "status.json",
+                           {"status": "failed", "reason": f"pretraining {needed.method} failed, see {needed.out}"})
+            elif slot is not None:
+                run_subprocess(job, self.data_dir, self.group, slot, len(self.slots))
+            else:
+                execute(job, self.data_dir, self.group, self.devices)
+            on_finish(job)
+
+        if self.launcher == "local":
+            changed = Condition()
+
+            def work(slot: str) -> None:
+                while True:
+                    with changed:
+                        while (job := next((j for j in pending if blocked(j) is not False), None)) is None:
+                            if not pending:
+                                return
+                            changed.wait()
+                        pending.remove(job)
+                    settle(job, slot)
+                    with changed:
+                        finished.add(job.out)
+                        changed.notify_all()
 
             with ThreadPoolExecutor(max_workers=len(self.slots)) as pool:
-                list(pool.map(on_slot, pending))
-        else:
-            self._run_submitit(pending, on_finish)
+                list(pool.map(work, self.slots))
+            return
+        while pending:
+            wave = [job for job in pending if blocked(job) is not False]
+            pending = [job for job in pending if job not in wave]
+            if self.launcher == "inprocess" or not any(blocked(job) is None for job in wave):
+                for job in wave:
+                    settle(job)
+            else:
+                for job in wave:
+                    if blocked(job):
+                        settle(job)
+                self._run_submitit([job for job in wave if blocked(job) is None], on_finish)
+            finished.update(job.out for job in wave)
 
     def _run_submitit(self, jobs: list, on_finish) -> None:
         import submitit
@@ -294,12 +340,7 @@ def run_sweep(
         if isinstance(job, FinetuneJob):
             write_results(out, finetunes, None)
 
-    runner.run(pretraining, progress)
-    failed = {job.method: job for job in pretraining if job.state() != "done"}
-    for job in finetunes:
-        if job.method in failed and job.state() != "done":
-            Path(job.out).mkdir(parents=True, exist_ok=True)
-            write_json(Path(job.out) / "status.json",
-                       {"status": "failed", "reason": f"pretraining {job.method} failed, see {failed[job.method].out}"})
-    runner.run([job for job in finetunes if job.method not in failed], progress)
+    pretraining_of = {job.method: job for job in pretraining}
+    runner.run(by_priority(pretraining, finetunes), progress,
+               needs=lambda job: pretraining_of.get(job.method) if isinstance(job, FinetuneJob) else None)
     return write_results(out, finetunes, data_dir)

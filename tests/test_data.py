@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from landmark_bench.data.cache import cache_folder, cached_images
 from landmark_bench.data.datamodule import LandmarkDataModule, UnlabeledDataModule, few_shot_ids, parse_shots
 from landmark_bench.data.readers import ISBI_LANDMARK_NAMES, Aasce2019Reader, DataError, Isbi2015Reader
 from landmark_bench.data.registry import get_reader
-from landmark_bench.data.transforms import Augment
+from landmark_bench.data.transforms import Augment, pixel_to_normalised, warp
 
 EXPECTED = {  # dataset: (images present, landmarks)
     "isbi2015": (400, 19),
@@ -128,6 +129,22 @@ def test_augmentation_moves_landmarks_with_the_image():
             centre = ((near * xs).sum() / near.sum(), (near * ys).sum() / near.sum())
             assert abs(centre[0] - x) < 0.25 and abs(centre[1] - y) < 0.25
         assert not torch.allclose(moved, points)
+
+
+def test_batched_warp_matches_affine_grid():
+    """The separable sampling grid is torch's ``affine_grid``; each sample gets its own matrix."""
+    generator = torch.Generator().manual_seed(1)
+    images, points = torch.rand(3, 1, 40, 32, generator=generator), torch.rand(3, 5, 2, generator=generator) * 30
+    matrices = torch.eye(3, dtype=torch.float64).repeat(3, 1, 1)
+    matrices[:, :2] += torch.randn(3, 2, 3, generator=generator, dtype=torch.float64) * torch.tensor([0.1, 0.1, 4.0])
+    warped, moved = warp(images, points, matrices)
+    to_norm = pixel_to_normalised(40, 32)
+    theta = (to_norm @ torch.linalg.inv(matrices) @ torch.linalg.inv(to_norm))[:, :2].float()
+    expected = F.grid_sample(images, F.affine_grid(theta, [3, 1, 40, 32], align_corners=False), align_corners=False)
+    torch.testing.assert_close(warped, expected, atol=1e-5, rtol=0)
+    for index in range(3):
+        torch.testing.assert_close(moved[index], warp(images[index:index + 1], points[index:index + 1],
+                                                      matrices[index:index + 1])[1][0])
 
 
 def test_landmark_datamodule_batches(data_dir):

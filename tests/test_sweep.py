@@ -82,9 +82,10 @@ def test_submitit_launcher_runs_the_jobs(tmp_path):
     assert list((tmp_path / "submitit").glob("*_result.pkl")) or list((tmp_path / "submitit").glob("*"))
 
 
-def test_failed_job_is_recorded_and_the_sweep_goes_on(tmp_path):
+@pytest.mark.parametrize("launcher", ["inprocess", "local"])
+def test_failed_job_is_recorded_and_the_sweep_goes_on(tmp_path, launcher):
     results = run_sweep(out=tmp_path, methods=["mean_shape", "simclr"], datasets=["phantom"], shots=[5], seeds=[0],
-                        preset="tiny", pretrain_datasets=["no_such_dataset"])
+                        preset="tiny", pretrain_datasets=["no_such_dataset"], launcher=launcher)
     by_method = results.set_index("method")
     assert by_method.loc["mean_shape", "status"] == "done"
     assert by_method.loc["simclr", "status"] == "failed" and "pretraining simclr failed" in by_method.loc["simclr", "reason"]
@@ -108,3 +109,14 @@ def test_wandb_offline_run_holds_metrics_and_leaderboard(tmp_path, monkeypatch):
 def test_unknown_launcher_is_named(tmp_path, capsys, launcher):
     assert main(["sweep", *SWEEP, "--out", str(tmp_path), "--launcher", launcher]) == 2
     assert "valid launchers: inprocess, local, slurm" in capsys.readouterr().err
+
+
+def test_local_slots_fill_while_pretraining_and_fine_tunes_wait_for_it(tmp_path):
+    results = run_sweep(out=tmp_path, methods=["mean_shape", "simclr"], datasets=["phantom"], shots=[5],
+                        seeds=[0, 1], preset="tiny", launcher="local", slots=["cpu", "cpu"])
+    assert len(results) == 4 and (results.status == "done").all()
+    pretrained_at = (tmp_path / "pretrain" / "simclr" / "pretrained.ckpt").stat().st_mtime
+    started = {Path(run).name: json.loads((Path(run) / "run.json").read_text())["started_at"]
+               for run in results.run_dir}
+    assert all(start > pretrained_at for name, start in started.items() if name.startswith("simclr")), started
+    assert any(start < pretrained_at for name, start in started.items() if name.startswith("mean_shape")), started

@@ -92,20 +92,32 @@ class LandmarkDataset(Dataset):
         return self.length or len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        index = index % len(self.records)
-        image = self.images[index][None].float() / 255.0
-        points = self.landmarks_net[index].float()
+        return {key: value[0] for key, value in self.__getitems__([index]).items()}
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """A whole batch, augmented and given targets at once (the DataLoader's batched fetch).
+
+        It is already a batch, so loaders pass it through ``keep_batch`` instead of collating samples.
+        """
+        rows = torch.as_tensor(indices, dtype=torch.long) % len(self.records)
+        images = self.images[rows][:, None].float() / 255.0
+        points = self.landmarks_net[rows].float()
         if self.augment is not None:
-            image, points = self.augment(image, points)
+            images, points = self.augment.batch(images, points)
         return {
-            "image": image,
+            "image": images,
             "landmarks": points,
             "target": gaussian_targets(points, self.size, self.sigma),
-            "landmarks_orig": self.landmarks_orig[index],
-            "orig_size": self.orig_sizes[index],
-            "spacing": self.spacing[index],
-            "index": torch.tensor(index),
+            "landmarks_orig": self.landmarks_orig[rows],
+            "orig_size": self.orig_sizes[rows],
+            "spacing": self.spacing[rows],
+            "index": rows,
         }
+
+
+def keep_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The ``collate_fn`` of :class:`LandmarkDataset` loaders: its ``__getitems__`` returns a finished batch."""
+    return batch
 
 
 class LandmarkDataModule(L.LightningDataModule):
@@ -159,7 +171,8 @@ class LandmarkDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset, **kwargs) -> DataLoader:
         workers = self.hparams.num_workers
         return DataLoader(dataset, batch_size=self.hparams.batch_size, num_workers=workers,
-                          persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(), **kwargs)
+                          persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(), collate_fn=keep_batch,
+                          **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         """The few-shot set repeated to ``samples_per_epoch``, shuffled (and sharded under DDP)."""

@@ -1,4 +1,8 @@
-"""Augmentation on cached arrays that moves the landmarks with the image."""
+"""Augmentation on cached arrays that moves the landmarks with the image, a whole batch at once.
+
+Per-sample augmentation spends most of its time in the fixed cost of many tiny tensor operations; one
+``affine_grid``/``grid_sample`` call per batch amortises it (``benchmarks/loader.py`` measures the gain).
+"""
 
 from __future__ import annotations
 
@@ -17,20 +21,26 @@ def pixel_to_normalised(height: int, width: int) -> torch.Tensor:
     )
 
 
-def warp(image: torch.Tensor, points: torch.Tensor, matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply a 3x3 pixel-space affine ``matrix`` (input -> output) to a (C, h, w) image and (L, 2) points."""
-    height, width = image.shape[-2:]
+def warp(images: torch.Tensor, points: torch.Tensor, matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply (B, 3, 3) pixel-space affine ``matrices`` (input -> output) to (B, C, h, w) images and (B, L, 2) points."""
+    height, width = images.shape[-2:]
     to_norm = pixel_to_normalised(height, width)
-    theta = (to_norm @ torch.linalg.inv(matrix) @ torch.linalg.inv(to_norm))[:2].to(image.dtype)
-    grid = F.affine_grid(theta[None], [1, *image.shape], align_corners=False)
-    warped = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
-    moved = points.double() @ matrix[:2, :2].T + matrix[:2, 2]
+    theta = (to_norm @ torch.linalg.inv(matrices) @ torch.linalg.inv(to_norm))[:, :2].to(images.dtype)
+    # affine_grid's result, built separably: a (B, 1, w, 2) column term plus a (B, h, 1, 2) row term is a
+    # few times cheaper than its (h * w, 3) @ (3, 2) product per image
+    xs = (torch.arange(width, dtype=images.dtype) * 2 + 1) / width - 1
+    ys = (torch.arange(height, dtype=images.dtype) * 2 + 1) / height - 1
+    column_term = xs[None, None, :, None] * theta[:, None, None, :, 0]
+    row_term = ys[None, :, None, None] * theta[:, None, None, :, 1] + theta[:, None, None, :, 2]
+    grid = column_term + row_term
+    warped = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    moved = points.double() @ matrices[:, :2, :2].transpose(1, 2) + matrices[:, None, :2, 2]
     return warped, moved.to(points.dtype)
 
 
 @dataclass
 class Augment:
-    """Small random affine (about the image centre) and intensity changes, per sample.
+    """Small random affine (about the image centre) and intensity changes, drawn per sample.
 
     Defaults are mild: X-ray anatomy has a canonical pose, and flips would swap anatomical sides.
     """
@@ -42,23 +52,32 @@ class Augment:
     max_brightness: float = 0.1
     max_gamma: float = 0.3
 
+    def batch(
+        self, images: torch.Tensor, points: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``images`` (B, 1, h, w) float in [0, 1], ``points`` (B, L, 2) xy network pixels."""
+        u = torch.rand(len(images), 7, generator=generator, dtype=torch.float64) * 2 - 1
+        height, width = images.shape[-2:]
+        angle = math.radians(self.max_rotation_deg) * u[:, 0]
+        scale = 1 + self.max_scale * u[:, 1]
+        cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
+        rotation = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)  # (B, 2, 2)
+        centre = torch.tensor([(width - 1) / 2, (height - 1) / 2], dtype=torch.float64)
+        shift = centre - rotation @ centre + u[:, 2:4] * torch.tensor([width, height]) * self.max_translation
+        matrices = torch.eye(3, dtype=torch.float64).repeat(len(images), 1, 1)
+        matrices[:, :2, :2], matrices[:, :2, 2] = rotation, shift
+        images, points = warp(images, points, matrices)
+        per_image = (-1,) + (1,) * (images.dim() - 1)
+        gamma = torch.exp(u[:, 4] * self.max_gamma).to(images.dtype).view(per_image)
+        images = images.clamp(0, 1) ** gamma
+        mean = images.mean((-2, -1), keepdim=True)
+        contrast = (1 + self.max_contrast * u[:, 5]).to(images.dtype).view(per_image)
+        brightness = (self.max_brightness * u[:, 6]).to(images.dtype).view(per_image)
+        return ((images - mean) * contrast + mean + brightness).clamp(0, 1), points
+
     def __call__(
         self, image: torch.Tensor, points: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``image`` (1, h, w) float in [0, 1], ``points`` (L, 2) xy network pixels."""
-        u = torch.rand(7, generator=generator, dtype=torch.float64) * 2 - 1
-        height, width = image.shape[-2:]
-        angle = math.radians(self.max_rotation_deg) * u[0]
-        scale = 1 + self.max_scale * u[1]
-        cx, cy = (width - 1) / 2, (height - 1) / 2
-        rotation = torch.tensor([[torch.cos(angle), -torch.sin(angle)], [torch.sin(angle), torch.cos(angle)]]) * scale
-        shift = torch.tensor([cx, cy], dtype=torch.float64) - rotation @ torch.tensor([cx, cy], dtype=torch.float64)
-        shift += torch.stack([u[2] * width, u[3] * height]) * self.max_translation
-        matrix = torch.eye(3, dtype=torch.float64)
-        matrix[:2, :2], matrix[:2, 2] = rotation, shift
-        image, points = warp(image, points, matrix)
-        gamma = float(torch.exp(u[4] * self.max_gamma))
-        image = image.clamp(0, 1) ** gamma
-        mean = image.mean()
-        image = (image - mean) * (1 + self.max_contrast * float(u[5])) + mean + self.max_brightness * float(u[6])
-        return image.clamp(0, 1), points
+        """One sample: ``image`` (1, h, w), ``points`` (L, 2)."""
+        images, moved = self.batch(image[None], points[None], generator)
+        return images[0], moved[0]

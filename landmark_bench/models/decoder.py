@@ -31,6 +31,9 @@ class EncoderBackbone(nn.Module):
     so a heatmap peak can be placed to a network pixel before sub-pixel refinement.
     """
 
+    channels_last = True
+    """oneDNN runs this network's convolutions faster on NHWC: 0.52 vs 0.69 s per CPU step (benchmarks/RESULTS.md)."""
+
     def __init__(self, encoder: nn.Module, decoder_channels: Sequence[int] = (64, 32, 24, 16, 16)):
         super().__init__()
         self.encoder = encoder

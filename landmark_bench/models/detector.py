@@ -53,7 +53,7 @@ class LandmarkDetector(L.LightningModule):
         max_steps: int = 500,
         warmup_steps: int = 50,
         decoder_channels: tuple[int, ...] = (64, 32, 24, 16, 16),
-        channels_last: bool = True,
+        channels_last: bool | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -65,7 +65,9 @@ class LandmarkDetector(L.LightningModule):
                                        diffusion_timestep=diffusion_timestep, decoder_channels=decoder_channels)
         channels = num_landmarks + (1 if loss == "pixel_ce" else 0)
         self.head = nn.Conv2d(self.backbone.out_channels, channels, 3, padding=1)
-        if channels_last:  # oneDNN and cuDNN convolutions run faster on NHWC (benchmarks/RESULTS.md)
+        if channels_last is None:  # the backbone's measured preference (benchmarks/RESULTS.md)
+            self.hparams.channels_last = channels_last = self.backbone.channels_last
+        if channels_last:
             self.to(memory_format=torch.channels_last)
 
     def _logits(self, image: torch.Tensor) -> torch.Tensor:

@@ -94,6 +94,9 @@ class DiffusionBackbone(nn.Module):
     output layer for the landmark heatmaps.
     """
 
+    channels_last = False
+    """On CPU this UNet steps slower on NHWC (GroupNorm and the up path): 2.2 vs 1.8 s (benchmarks/RESULTS.md)."""
+
     def __init__(
         self, unet: UNet2DModel, timestep: int = DEFAULT_BACKBONE_TIMESTEP, condition_index: int | None = None
     ):
