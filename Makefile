@@ -8,7 +8,8 @@ SEEDS ?= 0 1 2
 PRESET ?= cpu
 METHODS ?= mean_shape scratch imagenet simclr moco dino ddpm cdpm_align
 DATASETS ?= $(if $(DATA_DIR),isbi2015,phantom)
-OUT ?= sweeps/$(PRESET)-$(firstword $(DATASETS))-$(SHOTS)shot
+space := $(subst ,, )
+OUT ?= sweeps/$(PRESET)-$(firstword $(DATASETS))-$(subst $(space),-,$(strip $(SHOTS)))shot
 # jobs run as local processes, one per slot: JOBS CPU processes sharing the cores (one OpenMP thread each on a
 # 2-core machine), or SLOTS="cuda:0 cuda:1" for one job per GPU; LAUNCHER=slurm sends them to a cluster
 LAUNCHER ?= local

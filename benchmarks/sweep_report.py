@@ -45,11 +45,16 @@ def main() -> None:
     for _, row in runs.iterrows():
         estimated += estimate_seconds(FinetuneJob(row.method, row.dataset, row.shots, int(row.seed), row.preset, ""))
     finetune_minutes = runs.wall_seconds.sum() / 60
+    finished = max(json.loads((Path(run) / "run.json").read_text())["finished_at"] for run in runs.run_dir)
+    sweep_wall = (finished - (sweep / "sweep.json").stat().st_mtime) / 60
     stages = markdown_table(["stage", "jobs", "summed job time (min)"], [
         ["pretraining", len(pretraining), f"{measured_pretrain / 60:.1f}"],
         ["fine-tuning + evaluation", len(runs), f"{finetune_minutes:.1f}"],
-        ["dry-run estimate of all jobs", len(pretraining) + len(runs), f"{estimated / 60:.1f}"],
+        ["dry-run estimate of all jobs (current cost model)", len(pretraining) + len(runs), f"{estimated / 60:.1f}"],
     ])
+    stages += (f"\n\nSweep wall time, from `sweep.json` being written to the last fine-tune finishing: "
+               f"{sweep_wall:.1f} min (launcher `{settings['launcher']}`"
+               + (f", slots {' '.join(settings['slots'])})." if settings.get("slots") else ")."))
     body = (f"Fine-tune runs ({split} split):\n\n{table}\n\nPretraining runs:\n\n"
             + markdown_table(["method", "steps", "wall (min)", "dry-run estimate (min)"], pretraining)
             + f"\n\nTime per stage (summed over jobs; jobs ran with launcher `{settings['launcher']}`):\n\n{stages}")

@@ -19,11 +19,14 @@ from pathlib import Path
 
 import lightning.pytorch as L
 import torch
+from lightly.models.utils import update_momentum
 from torch.utils.data import DataLoader
 
 from benchmarks.common import markdown_table, report
 from landmark_bench.data.datamodule import LandmarkDataModule, UnlabeledDataModule
 from landmark_bench.methods import DIFFUSION_METHODS, PRETRAINING, method_module, pretraining_class
+from landmark_bench.methods.ddpm import DDPMPretrain
+from landmark_bench.methods.momentum import MomentumPretrainer
 from landmark_bench.models.detector import LandmarkDetector
 from landmark_bench.presets import get_preset
 from landmark_bench.pretrain import RUN_KEYS
@@ -74,7 +77,8 @@ def build(method: str, preset: str, data_dir: str, dataset: str, channels_last: 
 
 
 def bare_loop(model: L.LightningModule, batches: list, device: torch.device) -> float:
-    """Steps/s of a plain loop over the module's own step, optimiser and scheduler."""
+    """Steps/s of a plain loop over the module's own step, optimiser and scheduler, with its per-step extras
+    (gradient edits before the step, EMA and momentum updates after it) called by hand."""
     configured = model.configure_optimizers()
     optimizer = configured["optimizer"] if isinstance(configured, dict) else configured
     scheduler = configured.get("lr_scheduler", {}).get("scheduler") if isinstance(configured, dict) else None
@@ -86,10 +90,15 @@ def bare_loop(model: L.LightningModule, batches: list, device: torch.device) -> 
         loss = model.training_step(batch, index)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        model.on_before_optimizer_step(optimizer)
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        model.on_train_batch_end(loss, batch, index)
+        if isinstance(model, DDPMPretrain):
+            model.ema_unet.update_parameters(model.unet)
+        if isinstance(model, MomentumPretrainer):
+            for online, target in model.momentum_pairs:
+                update_momentum(online, target, m=model.momentum_at(index))
     if device.type == "cuda":
         torch.cuda.synchronize()
     return len(batches) / (time.perf_counter() - started)
@@ -135,11 +144,11 @@ def measure(method: str, preset: str, data_dir: str, dataset: str, steps: int, w
 
     model, _ = build(method, preset, data_dir, dataset)
     timer = StepTimer(warmup)
-    trainer = L.Trainer(max_steps=warmup + steps, accelerator=accelerator, devices=1, logger=False,
+    # one epoch over the prepared batches; max_steps stays the module's own so its schedules match the bare loop's
+    trainer = L.Trainer(max_steps=model.hparams["max_steps"], max_epochs=1, accelerator=accelerator, devices=1,
+                        logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[timer], num_sanity_val_steps=0, limit_val_batches=0)
-    if hasattr(model.hparams, "max_steps"):
-        model.hparams.max_steps = warmup + steps
     trainer.fit(model, train_dataloaders=DataLoader(batches, batch_size=None))  # the prepared batches, as they are
     lightning = timer.steps / timer.elapsed
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"

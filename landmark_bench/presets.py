@@ -142,15 +142,19 @@ PRESETS: dict[str, dict] = {
     },
 }
 
-# Cost model of the sweep's dry run (seconds; per optimiser step where it says so). ``cpu``: measured in the
-# ISBI 10-shot sweep of benchmarks/RESULTS.md (one thread per job, two jobs on a 2-core CPU); the other presets
-# are guesses until measured.
+# Cost model of the sweep's dry run (seconds; per optimiser step where it says so). ``startup``: a job's process
+# start and imports; ``evaluation``: a fine-tune's wall time outside its training loop (test evaluation, files).
+# ``cpu``: measured in the ISBI 10-shot sweep of benchmarks/RESULTS.md (`make benchmark SHOTS=10`: one thread per
+# job, two jobs on a 2-core CPU); the other presets are guesses until measured.
 ESTIMATE: dict[str, dict] = {
-    "tiny": {"startup": 5.0, "evaluation": 2.0, "finetune_step": {"encoder": 0.1, "diffusion": 0.1},
+    "tiny": {"startup": 5.0, "evaluation": {"encoder": 2.0, "diffusion": 2.0},
+             "finetune_step": {"encoder": 0.1, "diffusion": 0.1},
              "pretrain_step": {"ddpm": 0.1, "cdpm_align": 0.15, "simclr": 0.1, "moco": 0.1, "dino": 0.2}},
-    "cpu": {"startup": 5.0, "evaluation": 5.0, "finetune_step": {"encoder": 0.57, "diffusion": 2.45},
-            "pretrain_step": {"ddpm": 0.42, "cdpm_align": 0.53, "simclr": 1.0, "moco": 1.26, "dino": 2.4}},
-    "paper": {"startup": 30.0, "evaluation": 30.0, "finetune_step": {"encoder": 0.05, "diffusion": 0.1},
+    "cpu": {"startup": 12.0, "evaluation": {"encoder": 8.0, "diffusion": 24.0},
+            "finetune_step": {"encoder": 0.62, "diffusion": 2.11},
+            "pretrain_step": {"ddpm": 0.46, "cdpm_align": 0.59, "simclr": 1.02, "moco": 1.2, "dino": 2.32}},
+    "paper": {"startup": 30.0, "evaluation": {"encoder": 30.0, "diffusion": 60.0},
+              "finetune_step": {"encoder": 0.05, "diffusion": 0.1},
               "pretrain_step": {"ddpm": 0.1, "cdpm_align": 0.12, "simclr": 0.1, "moco": 0.1, "dino": 0.15}},
 }
 

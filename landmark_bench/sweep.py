@@ -8,6 +8,7 @@ finished job, so a sweep killed at any point and started again neither loses nor
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -23,7 +24,7 @@ import pandas as pd
 from landmark_bench.data.datamodule import parse_shots
 from landmark_bench.finetune import threads_per_process
 from landmark_bench.io import write_csv, write_json
-from landmark_bench.methods import FINETUNE_METHODS, PRETRAINING, check_method
+from landmark_bench.methods import DIFFUSION_METHODS, FINETUNE_METHODS, PRETRAINING, check_method
 from landmark_bench.presets import get_preset
 from landmark_bench.pretrain import CHECKPOINT_NAME, DEFAULT_PRETRAINING_DATASETS
 
@@ -94,8 +95,8 @@ def estimate_seconds(job: PretrainJob | FinetuneJob) -> float:
         return settings["estimate"]["startup"] + steps * settings["estimate"]["pretrain_step"][job.method]
     if job.method == "mean_shape":
         return settings["estimate"]["startup"]
-    family = "diffusion" if job.method in ("ddpm", "cdpm_align") else "encoder"
-    return (settings["estimate"]["startup"] + settings["estimate"]["evaluation"]
+    family = "diffusion" if job.method in DIFFUSION_METHODS else "encoder"
+    return (settings["estimate"]["startup"] + settings["estimate"]["evaluation"][family]
             + settings["finetune"]["max_steps"] * settings["estimate"]["finetune_step"][family])
 
 
@@ -110,7 +111,30 @@ def by_priority(pretraining: list[PretrainJob], finetunes: list[FinetuneJob]) ->
             *sorted(finetunes, key=estimate_seconds, reverse=True)]
 
 
-def describe(pretraining: list[PretrainJob], finetunes: list[FinetuneJob]) -> str:
+def needs_of(pretraining: list[PretrainJob]):
+    """What each job waits for: a fine-tune its method's pretraining, a pretraining nothing."""
+    pretraining_of = {job.method: job for job in pretraining}
+    return lambda job: pretraining_of.get(job.method) if isinstance(job, FinetuneJob) else None
+
+
+def estimated_wall_seconds(jobs: list, needs, slots: int) -> float:
+    """The local runner's schedule replayed with the estimates: each free slot takes the first ready job."""
+    free_at, finish = [0.0] * slots, {}
+    pending = [job for job in jobs if job.state() != "done"]
+    while pending:
+        slot = min(range(slots), key=free_at.__getitem__)
+        now = free_at[slot]
+        job = next((job for job in pending if needs(job) is None or needs(job).state() == "done"
+                    or finish.get(needs(job).out, math.inf) <= now), None)
+        if job is None:  # wait for the next needed job to finish
+            free_at[slot] = min(t for t in finish.values() if t > now)
+            continue
+        pending.remove(job)
+        free_at[slot] = finish[job.out] = now + estimate_seconds(job)
+    return max(free_at)
+
+
+def describe(pretraining: list[PretrainJob], finetunes: list[FinetuneJob], slots: int = 1) -> str:
     lines, total = [], 0.0
     for job in [*pretraining, *finetunes]:
         state = job.state()
@@ -120,8 +144,9 @@ def describe(pretraining: list[PretrainJob], finetunes: list[FinetuneJob]) -> st
                 else f"finetune {job.method} {job.dataset} {job.shots}-shot seed {job.seed}")
         lines.append(f"  [{state:>7}] {what:<55} ~{cost / 60:5.1f} min")
     done = sum(job.state() == "done" for job in [*pretraining, *finetunes])
-    lines.append(f"{len(pretraining)} pretrainings, {len(finetunes)} fine-tunes, {done} done; "
-                 f"estimated remaining time {total / 60:.1f} min")
+    wall = estimated_wall_seconds(by_priority(pretraining, finetunes), needs_of(pretraining), slots)
+    lines.append(f"{len(pretraining)} pretrainings, {len(finetunes)} fine-tunes, {done} done; estimated remaining "
+                 f"job time {total / 60:.1f} min, about {wall / 60:.1f} min of wall time on {slots} slot(s)")
     return "\n".join(lines)
 
 
@@ -319,7 +344,7 @@ def run_sweep(
     ``collect`` rebuilds ``results.csv`` from the run folders without running anything."""
     out = Path(out)
     pretraining, finetunes = plan(out, methods, datasets, shots, seeds, preset, pretrain_datasets)
-    print(describe(pretraining, finetunes), flush=True)
+    print(describe(pretraining, finetunes, len(slots or ["cpu"]) if launcher == "local" else 1), flush=True)
     if dry_run:
         return None
     if collect:
@@ -328,6 +353,7 @@ def run_sweep(
     group = out.resolve().name
     write_json(out / "sweep.json", {"methods": methods, "datasets": datasets, "shots": [str(s) for s in shots],
                                     "seeds": seeds, "preset": preset, "data_dir": data_dir, "launcher": launcher,
+                                    "slots": slots,
                                     "pretrain_datasets": list(pretraining[0].datasets) if pretraining else None})
     runner = Runner(launcher, data_dir, group, slots or ["cpu"], out, slurm, devices)
     started = time.perf_counter()
@@ -340,7 +366,5 @@ def run_sweep(
         if isinstance(job, FinetuneJob):
             write_results(out, finetunes, None)
 
-    pretraining_of = {job.method: job for job in pretraining}
-    runner.run(by_priority(pretraining, finetunes), progress,
-               needs=lambda job: pretraining_of.get(job.method) if isinstance(job, FinetuneJob) else None)
+    runner.run(by_priority(pretraining, finetunes), progress, needs=needs_of(pretraining))
     return write_results(out, finetunes, data_dir)

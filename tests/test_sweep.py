@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from landmark_bench.cli import main
-from landmark_bench.sweep import run_sweep
+from landmark_bench.sweep import by_priority, estimated_wall_seconds, needs_of, plan, run_sweep
 
 SWEEP = ["--methods", "mean_shape", "scratch", "--datasets", "phantom", "--shots", "5", "--seeds", "0", "1",
          "--preset", "tiny"]
@@ -120,3 +120,13 @@ def test_local_slots_fill_while_pretraining_and_fine_tunes_wait_for_it(tmp_path)
                for run in results.run_dir}
     assert all(start > pretrained_at for name, start in started.items() if name.startswith("simclr")), started
     assert any(start < pretrained_at for name, start in started.items() if name.startswith("mean_shape")), started
+
+
+def test_dry_run_wall_estimate_replays_the_local_schedule(tmp_path):
+    """tiny estimates: simclr pretraining 5.4 s, its fine-tunes 13 s each, mean_shape 5 s each."""
+    pretraining, finetunes = plan(tmp_path, ["mean_shape", "simclr"], ["phantom"], [5], [0, 1], "tiny")
+    jobs, needs = by_priority(pretraining, finetunes), needs_of(pretraining)
+    assert estimated_wall_seconds(jobs, needs, 1) == pytest.approx(5.4 + 2 * 13 + 2 * 5)
+    # slot 0: pretraining, then a simclr fine-tune at 5.4 s; slot 1: both mean_shape runs (the fine-tunes wait),
+    # then the other simclr fine-tune at 10 s
+    assert estimated_wall_seconds(jobs, needs, 2) == pytest.approx(10 + 13)

@@ -107,7 +107,7 @@ class DINO(MomentumPretrainer):
         student_out = [self.projection_head(self(global_views))]
         if len(views) > 2:
             student_out.append(self.projection_head(self(torch.cat(views[2:]))))
-        teacher_temp = self.teacher_temperature(self.trainer.global_step)
+        teacher_temp = self.teacher_temperature(self.global_step)
         loss = self.criterion(
             teacher_out=list(teacher_out.chunk(2)),
             student_out=list(torch.cat(student_out).chunk(len(views))),
@@ -120,7 +120,7 @@ class DINO(MomentumPretrainer):
     def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
         # After backward, before the step: the only place where dropping the gradients freezes the layer.
         # Counted in steps (lightly's argument is named for epochs), as every schedule here.
-        self.projection_head.cancel_last_layer_gradients(self.trainer.global_step)
+        self.projection_head.cancel_last_layer_gradients(self.global_step)
 
 
 def views_transform(**kwargs: Any) -> XRayViews:

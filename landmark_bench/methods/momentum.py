@@ -120,9 +120,9 @@ class MomentumPretrainer(EncoderPretrainer, ABC):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # With gradient accumulation a batch need not end in an optimiser step: update only after one.
-        if self.trainer.global_step > self._last_momentum_step:
-            momentum = self.momentum_at(self.trainer.global_step - 1)
+        if self.global_step > self._last_momentum_step:
+            momentum = self.momentum_at(self.global_step - 1)
             for online, target in self.momentum_pairs:
                 update_momentum(online, target, m=momentum)
             self.log("momentum", momentum)
-        self._last_momentum_step = self.trainer.global_step
+        self._last_momentum_step = self.global_step
