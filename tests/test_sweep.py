@@ -33,7 +33,7 @@ def assert_rows_exactly_once(out: Path) -> pd.DataFrame:
 
 def test_tiny_sweep_end_to_end_with_leaderboard(tmp_path, capsys):
     assert main(["sweep", *SWEEP, "--out", str(tmp_path), "--dry-run"]) == 0
-    assert "0 done; estimated remaining time" in capsys.readouterr().out and not (tmp_path / "results.csv").exists()
+    assert "0 done; estimated remaining job time" in capsys.readouterr().out and not (tmp_path / "results.csv").exists()
     assert main(["sweep", *SWEEP, "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "## phantom, Test, 5 shots (mm)" in printed and "leaderboard.tex" in printed
@@ -48,7 +48,7 @@ def test_tiny_sweep_end_to_end_with_leaderboard(tmp_path, capsys):
     assert set(board.method) == {"mean_shape", "scratch"}
     assert (tmp_path / "leaderboard" / "mre_vs_shots_phantom.png").stat().st_size > 0
     assert main(["sweep", *SWEEP, "--out", str(tmp_path), "--dry-run"]) == 0
-    assert "4 done; estimated remaining time 0.0 min" in capsys.readouterr().out
+    assert "4 done; estimated remaining job time 0.0 min, about 0.0 min of wall time" in capsys.readouterr().out
 
 
 def test_sigkilled_sweep_resumes_with_every_row_once(tmp_path):
