@@ -240,10 +240,12 @@ class Runner:
                                 return
                             changed.wait()
                         pending.remove(job)
-                    settle(job, slot)
-                    with changed:
-                        finished.add(job.out)
-                        changed.notify_all()
+                    try:
+                        settle(job, slot)
+                    finally:  # wake the other slots even if this one fails, so none waits forever
+                        with changed:
+                            finished.add(job.out)
+                            changed.notify_all()
 
             with ThreadPoolExecutor(max_workers=len(self.slots)) as pool:
                 list(pool.map(work, self.slots))
