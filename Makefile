@@ -6,7 +6,12 @@ DATA_DIR ?=
 SHOTS ?= 10
 SEEDS ?= 0 1 2
 PRESET ?= cpu
-METHODS ?= mean_shape scratch imagenet simclr moco dino ddpm cdpm_align
+METHODS ?= mean_shape scratch imagenet simclr moco dino scratch_unet ddpm cdpm_align
+# finetune: the whole network trained; probe: the pretrained backbone frozen, only a light head trained
+PROTOCOLS ?= finetune probe
+# preset settings by dotted key, e.g. SET="finetune.lr=5e-4 pretrain.cdpm_align.align_weight=0", or a YAML file
+SET ?=
+CONFIG ?=
 DATASETS ?= $(if $(DATA_DIR),isbi2015,phantom)
 space := $(subst ,, )
 OUT ?= sweeps/$(PRESET)-$(firstword $(DATASETS))-$(subst $(space),-,$(strip $(SHOTS)))shot
@@ -29,14 +34,16 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed ## create .venv and install the package with its test extras
 
-test: $(VENV)/.installed ## run the test suite on the real data (DATA_DIR, default ../shared/data) and the phantom
+test: $(VENV)/.installed ## check the import layers, then run the test suite on the real data (DATA_DIR, default ../shared/data) and the phantom
+	$(VENV)/bin/lint-imports --no-cache
 	# one thread per process: tiny models and parallel test processes gain nothing from more
 	OMP_NUM_THREADS=1 DATA_DIR=$(TEST_DATA_DIR) $(PY) -m pytest -q
 
-benchmark: $(VENV)/.installed ## sweep METHODS x DATASETS x SHOTS x SEEDS under PRESET and print the leaderboard
-	$(VENV)/bin/landmark-bench sweep --preset $(PRESET) --methods $(METHODS) --datasets $(DATASETS) \
+benchmark: $(VENV)/.installed ## sweep METHODS x PROTOCOLS x DATASETS x SHOTS x SEEDS under PRESET, print the leaderboard
+	$(VENV)/bin/landmark-bench sweep --preset $(PRESET) --methods $(METHODS) --protocols $(PROTOCOLS) --datasets $(DATASETS) \
 		--shots $(SHOTS) --seeds $(SEEDS) --out $(OUT) $(if $(DATA_DIR),--data-dir $(DATA_DIR),) \
-		--launcher $(LAUNCHER) $(if $(filter local,$(LAUNCHER)),--slots $(SLOTS),)
+		--launcher $(LAUNCHER) $(if $(filter local,$(LAUNCHER)),--slots $(SLOTS),) \
+		$(if $(strip $(SET)),--set $(SET),) $(if $(CONFIG),--config $(CONFIG),)
 
 clean: ## remove the virtual environment and caches (not the data cache in ~/.cache/landmark_bench)
 	rm -rf $(VENV) .pytest_cache

@@ -30,7 +30,9 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 def report(title: str, table: str, notes: str = "", append: bool = True) -> None:
     """Print the table and append it to RESULTS.md with the command, machine and date."""
-    command = "python " + " ".join(shlex.quote(arg) for arg in [os.path.relpath(sys.argv[0]), *sys.argv[1:]])
+    # The scripts import ``benchmarks.common``: run them as modules from the repository root, in the venv.
+    module = "benchmarks." + Path(sys.argv[0]).stem
+    command = " ".join([".venv/bin/python", "-m", module, *(shlex.quote(arg) for arg in sys.argv[1:])])
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     section = f"\n### {title}\n\n`{command}`  \n{stamp}; {machine()}\n\n{table}\n"
     if notes:

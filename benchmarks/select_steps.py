@@ -27,7 +27,7 @@ def run_one(method: str, steps: int, seed: int, dataset: str, shots: int, preset
     torch.set_num_threads(1)  # the jobs share the cores
     record = finetune(method=method, dataset=dataset, shots=shots, seed=seed, preset=preset, data_dir=data_dir,
                       pretrained=pretrained, out=f"{out}/{method}-{steps}-seed{seed}",
-                      overrides={"max_steps": steps, "warmup_steps": steps // 10})
+                      overrides={"finetune.max_steps": steps, "finetune.warmup_steps": steps // 10})
     return method, steps, seed, record["best_val_mre"], record["train_seconds"]
 
 

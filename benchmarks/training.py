@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from benchmarks.common import markdown_table, report
 from landmark_bench.data.datamodule import LandmarkDataModule, UnlabeledDataModule
-from landmark_bench.methods import DIFFUSION_METHODS, PRETRAINING, method_module, pretraining_class
+from landmark_bench.methods import DIFFUSION_METHODS, PRETRAINING, build_backbone, method_module, pretraining_class
 from landmark_bench.methods.ddpm import DDPMPretrain
 from landmark_bench.methods.momentum import MomentumPretrainer
 from landmark_bench.models.detector import LandmarkDetector
@@ -57,9 +57,11 @@ def build(method: str, preset: str, data_dir: str, dataset: str, channels_last: 
         pretrained = None
         if FINETUNE[method] in DIFFUSION_METHODS:
             pretrained = unet_checkpoint(preset, data_dir, Path(tempfile.mkdtemp()))
-        model = LandmarkDetector(num_landmarks=datamodule.reader.num_landmarks, method=FINETUNE[method],
-                                 pretrained=pretrained, dataset=dataset, lr=cfg["lr"], max_steps=cfg["max_steps"],
-                                 warmup_steps=cfg["warmup_steps"], channels_last=channels_last)
+        backbone = build_backbone(FINETUNE[method], encoder=settings["encoder"], pretrained=pretrained,
+                                  dataset=dataset, unet=settings["unet"])
+        model = LandmarkDetector(backbone=backbone, num_landmarks=datamodule.reader.num_landmarks, lr=cfg["lr"],
+                                 max_steps=cfg["max_steps"], warmup_steps=cfg["warmup_steps"],
+                                 channels_last=channels_last)
         return model, datamodule
     cfg = settings["pretrain"][method]
     kwargs = {key: value for key, value in cfg.items() if key not in RUN_KEYS}

@@ -6,8 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from landmark_bench.checkpoints import CheckpointError
-from landmark_bench.data.readers import DataError
+from landmark_bench.runs import USER_ERRORS
 
 
 def integer(text: str) -> int:
@@ -68,12 +67,22 @@ def cmd_annotations(args: argparse.Namespace) -> None:
     print(f"wrote {len(records)} images to {args.out}")
 
 
+def settings_overrides(args: argparse.Namespace) -> dict:
+    """``--config FILE`` then ``--set key=value ...`` (later wins): dotted keys into the preset."""
+    from landmark_bench.presets import parse_assignments, read_config_file
+
+    overrides = read_config_file(args.config) if args.config else {}
+    overrides.update(parse_assignments(args.set or []))
+    return overrides
+
+
 def cmd_finetune(args: argparse.Namespace) -> None:
     from landmark_bench.finetune import finetune
 
-    record = finetune(method=args.method, dataset=args.dataset, shots=args.shots, seed=args.seed, preset=args.preset,
+    record = finetune(overrides=settings_overrides(args), method=args.method, dataset=args.dataset, shots=args.shots, seed=args.seed, preset=args.preset,
                       data_dir=args.data_dir, out=args.out, pretrained=args.pretrained, devices=args.devices,
-                      accelerator=args.accelerator, reader_options=reader_options(args), wandb_group=args.wandb_group)
+                      accelerator=args.accelerator, reader_options=reader_options(args), wandb_group=args.wandb_group,
+                      protocol=args.protocol)
     for split, result in record["metrics"].items():
         if split != "val":
             print(format_metrics(result, f"{args.method} {args.dataset} {split}"))
@@ -83,7 +92,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from landmark_bench.pretrain import pretrain
 
-    record = pretrain(method=args.method, datasets=args.datasets, preset=args.preset, data_dir=args.data_dir,
+    record = pretrain(overrides=settings_overrides(args), method=args.method, datasets=args.datasets, preset=args.preset, data_dir=args.data_dir,
                       out=args.out, devices=args.devices, accelerator=args.accelerator, seed=args.seed,
                       wandb_group=args.wandb_group)
     print(f"{args.method} pretrained on {', '.join(args.datasets)}: {record['checkpoint']}")
@@ -93,10 +102,10 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from landmark_bench.sweep import run_sweep
 
     slurm = dict(item.split("=", 1) for item in args.slurm) if args.slurm else None
-    results = run_sweep(out=args.out, methods=args.methods, datasets=args.datasets, shots=args.shots, seeds=args.seeds,
+    results = run_sweep(overrides=settings_overrides(args), out=args.out, methods=args.methods, datasets=args.datasets, shots=args.shots, seeds=args.seeds,
                         preset=args.preset, data_dir=args.data_dir, launcher=args.launcher, slots=args.slots,
                         pretrain_datasets=args.pretrain_datasets, dry_run=args.dry_run, slurm=slurm,
-                        devices=args.devices, collect=args.collect)
+                        devices=args.devices, collect=args.collect, protocols=args.protocols)
     if results is not None:
         publish_leaderboard(Path(args.out))
 
@@ -115,8 +124,18 @@ def cmd_leaderboard(args: argparse.Namespace) -> None:
     publish_leaderboard(Path(args.sweep_dir))
 
 
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", nargs="+", metavar="KEY=VALUE",
+                        help="preset settings by dotted key, e.g. finetune.lr=5e-4 pretrain.ddpm.max_steps=2000 "
+                             "encoder=resnet18 (values are Python literals)")
+    parser.add_argument("--config", help="a YAML file of the same settings (nested or dotted keys); --set wins")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from importlib.metadata import version
+
     parser = argparse.ArgumentParser(prog="landmark-bench", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('landmark_bench')}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     evaluate = commands.add_parser("evaluate", help="score a predictions CSV (image_id,landmark,x,y)")
@@ -149,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--devices", default=1, type=integer)
     finetune.add_argument("--accelerator", default="auto")
     finetune.add_argument("--wandb-group", help="W&B group (the sweep's name)")
+    finetune.add_argument("--protocol", default="finetune", choices=["finetune", "probe"],
+                          help="finetune: the whole network; probe: the backbone frozen, only a light head trained")
+    add_settings_arguments(finetune)
     finetune.set_defaults(run=cmd_finetune)
     pretrain = commands.add_parser("pretrain", help="pretrain a method on unlabelled training images")
     pretrain.add_argument("--method", required=True)
@@ -160,12 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--devices", default=1, type=integer)
     pretrain.add_argument("--accelerator", default="auto")
     pretrain.add_argument("--wandb-group", help="W&B group (the sweep's name)")
+    add_settings_arguments(pretrain)
     pretrain.set_defaults(run=cmd_pretrain)
     sweep = commands.add_parser("sweep", help="methods x datasets x shots x seeds, resumable, then the leaderboard")
     sweep.add_argument("--methods", nargs="+", required=True)
     sweep.add_argument("--datasets", nargs="+", default=["phantom"])
     sweep.add_argument("--shots", nargs="+", type=shots_value, default=[10])
     sweep.add_argument("--seeds", nargs="+", type=integer, default=[0, 1, 2])
+    sweep.add_argument("--protocols", nargs="+", default=["finetune"], choices=["finetune", "probe"],
+                       help="finetune (whole network) and/or probe (frozen backbone, light head)")
     sweep.add_argument("--preset", default="cpu")
     sweep.add_argument("--data-dir")
     sweep.add_argument("--out", required=True)
@@ -177,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--dry-run", action="store_true", help="print the plan, what is done and the estimated cost")
     sweep.add_argument("--collect", action="store_true",
                        help="rebuild results.csv and the leaderboard from the run folders, running nothing")
+    add_settings_arguments(sweep)
     sweep.set_defaults(run=cmd_sweep)
 
     leaderboard = commands.add_parser("leaderboard", help="tables and figures from a sweep's results.csv")
@@ -189,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (DataError, CheckpointError, ValueError, FileNotFoundError, FloatingPointError) as error:
+    except USER_ERRORS as error:
         print(f"landmark-bench {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -1,11 +1,17 @@
 """Leaderboards and figures of a sweep, built from its ``results.csv`` rows only (plus the per-image
 errors and overlay arrays the rows point to), so every printed number traces back to a run.
 
-One table per (dataset, test split, shots): a row per method, MRE/ERE as mean ± std over seeds of each
-seed's value, SDR as the mean over seeds, the best value per column marked, and a paired Wilcoxon
+One table per (dataset, test split, shots, protocol): a row per method, MRE/ERE as mean ± std over seeds
+of each seed's value, SDR as the mean over seeds, the best value per column marked, and a paired Wilcoxon
 signed-rank test of each method against the best-MRE one. A method with fewer finished seeds than
 expected is shown as incomplete, never averaged over the seeds that happened to finish: a reviewer
 would otherwise compare a 2-seed mean with 3-seed means without knowing it.
+
+Every pretrained row also carries its gain over its own network family's random-init control (the MRE
+difference, with a paired Wilcoxon test), so that the pretraining is never confounded with the
+architecture; where a sweep ran both protocols (``finetune``: whole network trained; ``probe``: backbone
+frozen, light head trained) a side-by-side table puts the two next to each other, since fine-tuning on a
+few images can wash out what a probe shows the pretraining taught.
 """
 
 from __future__ import annotations
@@ -26,16 +32,32 @@ import pandas as pd  # noqa: E402
 from scipy.stats import wilcoxon  # noqa: E402
 
 from landmark_bench.io import atomic_write, atomic_write_text, write_csv  # noqa: E402
+from landmark_bench.methods import CONTROLS, PROTOCOLS, control_of, family_of  # noqa: E402
 
-METHOD_ORDER = ("mean_shape", "scratch", "imagenet", "simclr", "moco", "dino", "ddpm", "cdpm_align")
+METHOD_ORDER = ("mean_shape", "scratch", "imagenet", "simclr", "moco", "dino", "scratch_unet", "ddpm", "cdpm_align")
 REFERENCE = "inter_observer"  # junior vs senior doctor on ISBI: a human reference line, not a competitor
 BASELINE = "mean_shape"  # no heatmap, no ERE
 PREFERRED_OVERLAY_SHOTS = "10"
 ALPHA = 0.05
 TEST_NAME = "two-sided Wilcoxon signed-rank test on per-image MRE, paired by (seed, image)"
 DAGGER = "†"
-RUN_KEY = ["method", "dataset", "shots", "seed"]
-SPLIT_LABELS = {"test1": "Test1", "test2": "Test2"}
+RUN_KEY = ["method", "dataset", "shots", "protocol", "seed"]
+
+
+def pooled_test(dataset: str) -> bool:
+    """Whether the dataset's ``test`` split pools several reported test splits (ISBI's Test1 and Test2)."""
+    from landmark_bench.data.registry import DATASETS
+
+    reader = DATASETS.get(dataset)
+    return reader is not None and len(reader.test_splits) > 1
+
+
+DEFAULT_PROTOCOL = "finetune"  # results files written before the probe protocol existed
+PROTOCOL_NOTES = {"finetune": "finetune: the whole network trained on the few shots",
+                  "probe": "probe: the pretrained backbone frozen, only a light head trained"}
+GAIN_NOTE = ("ΔMRE vs control: the method's MRE minus that of its own network family's random-init control "
+             f"({', '.join(f'{control} for the {family} family' for family, control in CONTROLS.items())}), "
+             f"means over seeds; negative = better; p: {TEST_NAME}.")
 
 
 def shots_sort_key(shots: str) -> float:
@@ -55,6 +77,12 @@ def _normalise_shots(value: object) -> str:
     return str(int(number)) if number.is_integer() else text
 
 
+def protocol_order(protocols: Iterable[str]) -> list[str]:
+    """``finetune`` then ``probe``, then any other protocol alphabetically."""
+    protocols = set(protocols)
+    return [p for p in PROTOCOLS if p in protocols] + sorted(protocols - set(PROTOCOLS))
+
+
 def method_order(methods: Iterable[str]) -> list[str]:
     """The design's method order, then any user method alphabetically; the reference is never a method."""
     methods = set(methods) - {REFERENCE}
@@ -67,16 +95,18 @@ def read_results(path: str | Path) -> pd.DataFrame:
     A failed row superseded by a done row of the same job (a retry) is dropped; two done rows of one job
     are an error, since averaging or picking one would silently change the numbers.
     """
-    text_columns = ["method", "dataset", "status", "reason", "run_dir", "unit", "subset_ids", "shots"]
+    text_columns = ["method", "dataset", "status", "reason", "run_dir", "unit", "subset_ids", "shots", "protocol"]
     frame = pd.read_csv(path, dtype={column: str for column in text_columns})
     frame["shots"] = frame["shots"].map(_normalise_shots)
+    protocol = frame["protocol"] if "protocol" in frame else pd.Series("", index=frame.index, dtype=str)
+    frame["protocol"] = protocol.fillna("").str.strip().replace("", DEFAULT_PROTOCOL)
     frame["seed"] = pd.to_numeric(frame["seed"]).astype("Int64")
     frame["reason"] = frame["reason"].fillna("") if "reason" in frame else ""
     done = frame["status"].eq("done")
     duplicated = frame[done][frame[done].duplicated(RUN_KEY, keep=False)]
     if not duplicated.empty:
         jobs = sorted({tuple(str(v) for v in key) for key in duplicated[RUN_KEY].itertuples(index=False)})
-        raise ValueError(f"{path}: several done rows for one job (method, dataset, shots, seed): {jobs}")
+        raise ValueError(f"{path}: several done rows for one job ({', '.join(RUN_KEY)}): {jobs}")
     frame = frame.assign(_done=done).sort_values("_done", kind="stable")
     return frame.drop_duplicates(RUN_KEY, keep="last").drop(columns="_done").sort_index()
 
@@ -105,6 +135,7 @@ class Table:
     dataset: str
     split: str
     shots: str
+    protocol: str
     unit: str
     thresholds: list[str]
     rows: pd.DataFrame
@@ -113,9 +144,13 @@ class Table:
 
     @property
     def title(self) -> str:
-        split = SPLIT_LABELS.get(self.split, "Test (pooled)" if self.dataset == "isbi2015" else "Test")
+        split = "Test (pooled)" if self.split == "test" and pooled_test(self.dataset) else self.split.capitalize()
         shots = "all training images" if self.shots == "all" else f"{self.shots} shots"
         return f"{self.dataset}, {split}, {shots}"
+
+    @property
+    def heading(self) -> str:
+        return f"{self.title} ({self.unit}), {self.protocol}"
 
 
 def _thresholds(frame: pd.DataFrame, split: str) -> list[str]:
@@ -156,13 +191,13 @@ def _missing_seed_note(method: str, rows: pd.DataFrame, done_seeds: set, expecte
             f"({'; '.join(reasons)}); not averaged")
 
 
-def _paired_test(best: pd.Series, other: pd.Series) -> tuple[float, int]:
+def _paired_test(base: pd.Series, other: pd.Series) -> tuple[float, int]:
     """Wilcoxon signed-rank p-value over the (seed, split, image_id) pairs both methods have."""
-    pairs = pd.concat([best.rename("best"), other.rename("other")], axis=1, join="inner")
+    pairs = pd.concat([base.rename("base"), other.rename("other")], axis=1, join="inner")
     if pairs.empty:
         return math.nan, 0
     with np.errstate(invalid="ignore", divide="ignore"):  # identical samples: scipy's z is 0/0, its p is 1
-        result = wilcoxon(pairs["other"], pairs["best"], alternative="two-sided")
+        result = wilcoxon(pairs["other"], pairs["base"], alternative="two-sided")
     return float(result.pvalue), len(pairs)
 
 
@@ -175,8 +210,13 @@ def _method_rows(cell: pd.DataFrame, methods: list[str], split: str, expected: i
         done = method_rows[method_rows["status"].eq("done") & _column(method_rows, f"{split}_mre").notna()]
         done_seeds = set(done["seed"].dropna().tolist())
         row = {"method": method, "reference": False, "n_seeds": len(done_seeds), "n_expected": expected,
-               "incomplete": len(done_seeds) < expected}
+               "incomplete": len(done_seeds) < expected,
+               "not_learned": "pretraining_learned" in method_rows
+               and bool(method_rows["pretraining_learned"].astype(str).str.lower().eq("false").any())}
         rows.append(row)
+        if row["not_learned"]:
+            notes.append(f"{method}: its pretraining did not learn (see the pretraining's health.json); "
+                         "the row measures an untrained network, not the method")
         if row["incomplete"]:
             notes.append(_missing_seed_note(method, method_rows, done_seeds, expected, split))
             continue
@@ -189,7 +229,7 @@ def _method_rows(cell: pd.DataFrame, methods: list[str], split: str, expected: i
         else:
             samples[method] = pd.concat({seed: _split_errors(errors, split) for seed, errors in per_seed.items()},
                                         names=["seed"])
-    columns = ["method", "reference", "n_seeds", "n_expected", "incomplete", "mre_mean", "mre_std", "ere_mean",
+    columns = ["method", "reference", "n_seeds", "n_expected", "incomplete", "not_learned", "mre_mean", "mre_std", "ere_mean",
                "ere_std", *[f"sdr_{t}" for t in thresholds]]
     return pd.DataFrame(rows, columns=columns), samples
 
@@ -220,7 +260,32 @@ def _test_against_best(table: pd.DataFrame, samples: dict, best_method: str | No
             notes.append(f"{method}: no (seed, image) pairs shared with {best_method}; test skipped")
 
 
-def _build_table(dataset: str, split: str, shots: str, cell: pd.DataFrame, methods: list[str],
+def _gain_over_control(table: pd.DataFrame, samples: dict, notes: list[str]) -> None:
+    """``control``, ``gain_mre`` (row minus control, means over seeds), ``gain_p_value`` and ``gain_n_pairs``
+    of each pretrained row: it is read against the same network untrained, never against another family."""
+    table["control"] = table["method"].map(control_of)
+    table["gain_mre"], table["gain_p_value"], table["gain_n_pairs"] = math.nan, math.nan, 0
+    mre = table.set_index("method")["mre_mean"]
+    for index, method, control in table[["method", "control"]].itertuples():
+        if pd.isna(control) or pd.isna(mre[method]):  # a control, a reference row, or incomplete (noted)
+            continue
+        if control not in mre.index:
+            notes.append(f"{method}: no rows of its control {control}; gain not computed")
+            continue
+        if pd.isna(mre[control]):
+            notes.append(f"{method}: its control {control} is incomplete; gain not computed")
+            continue
+        table.loc[index, "gain_mre"] = mre[method] - mre[control]
+        if method not in samples or control not in samples:
+            notes.append(f"{method}: per-image errors missing for it or its control {control}; gain not tested")
+            continue
+        p_value, pairs = _paired_test(samples[control], samples[method])
+        table.loc[index, ["gain_p_value", "gain_n_pairs"]] = p_value, pairs
+        if pairs == 0:
+            notes.append(f"{method}: no (seed, image) pairs shared with its control {control}; gain not tested")
+
+
+def _build_table(dataset: str, split: str, shots: str, protocol: str, cell: pd.DataFrame, methods: list[str],
                  reference: pd.DataFrame, expected: int, unit: str, thresholds: list[str],
                  image_errors: dict[str, pd.Series | None]) -> Table:
     notes: list[str] = []
@@ -228,6 +293,7 @@ def _build_table(dataset: str, split: str, shots: str, cell: pd.DataFrame, metho
     _mark_best(table, thresholds)
     best_method = table.loc[table["best_mre"], "method"].iloc[0] if table["best_mre"].any() else None
     _test_against_best(table, samples, best_method, notes)
+    _gain_over_control(table, samples, notes)
     if not reference.empty:
         reference_row = {"method": REFERENCE, "reference": True, "incomplete": False,
                          **{f"{metric}_mean": _column(reference, f"{split}_{metric}").iloc[0]
@@ -237,18 +303,21 @@ def _build_table(dataset: str, split: str, shots: str, cell: pd.DataFrame, metho
     flags = [column for column in table.columns if column.startswith("best_")] + ["not_different", "reference",
                                                                                   "incomplete"]
     table[flags] = table[flags].fillna(False).astype(bool)
-    table[["n_seeds", "n_expected", "n_pairs"]] = table[["n_seeds", "n_expected", "n_pairs"]].astype("Int64")
+    counts = ["n_seeds", "n_expected", "n_pairs", "gain_n_pairs"]
+    table[counts] = table[counts].astype("Int64")
+    table.insert(0, "protocol", protocol)
     table.insert(0, "shots", shots)
     table.insert(0, "split", split)
     table.insert(0, "dataset", dataset)
-    table.insert(3, "unit", unit)
-    table["compared_to"] = best_method
-    return Table(dataset, split, shots, unit, thresholds, table, best_method, notes)
+    table.insert(4, "unit", unit)
+    table.insert(table.columns.get_loc("control"), "compared_to", best_method)
+    return Table(dataset, split, shots, protocol, unit, thresholds, table, best_method, notes)
 
 
 def build_tables(results: pd.DataFrame, expected_seeds: int | None = None) -> list[Table]:
-    """Every (dataset, shots, split) table; a method with rows anywhere in a dataset appears in each of its
-    tables, so a missing cell shows up as incomplete (0/n) instead of vanishing."""
+    """Every (dataset, shots, protocol, split) table; a method with rows anywhere in a dataset under a
+    protocol appears in each of its tables, so a missing cell shows up as incomplete (0/n) instead of
+    vanishing, while a method never run under a protocol (e.g. mean_shape has nothing to probe) is absent."""
     image_errors = {run_dir: per_image_mre(run_dir)
                     for run_dir in results.loc[results["status"].eq("done"), "run_dir"].dropna().unique()}
     tables = []
@@ -260,13 +329,18 @@ def build_tables(results: pd.DataFrame, expected_seeds: int | None = None) -> li
         if len(units) > 1:
             raise ValueError(f"dataset {dataset}: rows in several units {sorted(units)}")
         unit = units.pop() if units else ""
-        methods = method_order(runs["method"].unique())
+        splits = _test_splits(rows[rows["status"].eq("done")])
         for shots in sorted(runs["shots"].unique(), key=shots_sort_key):
-            cell = runs[runs["shots"] == shots]
-            expected = expected_seeds or int(cell.groupby("method")["seed"].nunique().max())
-            for split in _test_splits(rows[rows["status"].eq("done")]):
-                tables.append(_build_table(dataset, split, shots, cell, methods, reference, expected, unit,
-                                           _thresholds(rows, split), image_errors))
+            for protocol in protocol_order(runs["protocol"].unique()):
+                protocol_runs = runs[runs["protocol"] == protocol]
+                cell = protocol_runs[protocol_runs["shots"] == shots]
+                if cell.empty:
+                    continue
+                methods = method_order(protocol_runs["method"].unique())
+                expected = expected_seeds or int(cell.groupby("method")["seed"].nunique().max())
+                for split in splits:
+                    tables.append(_build_table(dataset, split, shots, protocol, cell, methods, reference, expected,
+                                               unit, _thresholds(rows, split), image_errors))
     return tables
 
 
@@ -276,10 +350,27 @@ def _fmt(value: float, std: float = math.nan, digits: int = 2, plus_minus: str =
     return f"{value:.{digits}f}" + ("" if pd.isna(std) else f" {plus_minus} {std:.{digits}f}")
 
 
+def _fmt_p(p_value: float) -> str:
+    return "p < 0.001" if p_value < 0.001 else f"p = {p_value:.3f}"
+
+
+def _is_control(method: str) -> bool:
+    return family_of(method) is not None and control_of(method) is None
+
+
+def _gain_cell(row: pd.Series) -> str:
+    """``+0.12 (p = 0.034)``; ``control`` on a control's own row; ``–`` where there is no gain and ``untested``
+    where there is no p-value (the table's notes say why)."""
+    if pd.isna(row["gain_mre"]):
+        return "control" if _is_control(row["method"]) else "–"
+    tested = "untested" if pd.isna(row["gain_p_value"]) else _fmt_p(row["gain_p_value"])
+    return f"{row['gain_mre']:+.2f} ({tested})"
+
+
 def _cells(row: pd.Series, table: Table, bold: Callable[[str], str], plus_minus: str, dagger: str) -> list[str]:
     """The metric cells of a row, shared by Markdown and LaTeX (which differ in bold, ± and †)."""
     if row["incomplete"]:
-        gap = ["–"] * (len(table.thresholds) + 1)
+        gap = ["–"] * (len(table.thresholds) + 2)
         return [f"incomplete ({row['n_seeds']}/{row['n_expected']})", *gap, f"{row['n_seeds']}/{row['n_expected']}"]
 
     def mark(text: str, best: bool) -> str:
@@ -290,11 +381,13 @@ def _cells(row: pd.Series, table: Table, bold: Callable[[str], str], plus_minus:
     sdr = [mark(_fmt(row[f"sdr_{t}"], digits=1), row[f"best_sdr_{t}"]) for t in table.thresholds]
     ere = mark(_fmt(row["ere_mean"], row["ere_std"], plus_minus=plus_minus), row["best_ere"])
     seeds = "–" if row["reference"] else str(row["n_seeds"])
-    return [mre, *sdr, ere, seeds]
+    return [mre, *sdr, ere, _gain_cell(row), seeds]
 
 
 def _method_label(row: pd.Series) -> str:
-    return "inter-observer (reference)" if row["reference"] else row["method"]
+    if row["reference"]:
+        return "inter-observer (reference)"
+    return f"{row['method']} (not learned)" if row.get("not_learned") == True else row["method"]  # noqa: E712 (NaN-safe)
 
 
 def _footnotes(table: Table) -> list[str]:
@@ -303,6 +396,9 @@ def _footnotes(table: Table) -> list[str]:
     if table.best_method is not None:
         notes.append(f"{DAGGER}: not significantly different from the best-MRE method ({table.best_method}), "
                      f"{TEST_NAME}, p ≥ {ALPHA}.")
+    notes.append(GAIN_NOTE)
+    if table.protocol in PROTOCOL_NOTES:
+        notes.append(PROTOCOL_NOTES[table.protocol] + ".")
     if table.rows["reference"].any():
         notes.append("inter-observer: the junior doctor scored against the senior doctor; a reference, "
                      "not a method (never marked best, never tested).")
@@ -312,15 +408,59 @@ def _footnotes(table: Table) -> list[str]:
 def _header(table: Table) -> list[str]:
     unit = table.unit or "?"
     return ["Method", f"MRE ({unit})", *[f"SDR {float(t):g} {unit} (%)" for t in table.thresholds],
-            f"ERE ({unit})", "Seeds"]
+            f"ERE ({unit})", f"ΔMRE vs control ({unit})", "Seeds"]
+
+
+def _protocol_groups(tables: list[Table]) -> list[list[Table]]:
+    """The tables of one (dataset, split, shots) under each protocol, where the results hold several."""
+    groups: dict[tuple[str, str, str], list[Table]] = {}
+    for table in tables:
+        groups.setdefault((table.dataset, table.split, table.shots), []).append(table)
+    return [group for group in groups.values() if len(group) > 1]
+
+
+def _side_by_side_rows(group: list[Table], bold: Callable[[str], str], plus_minus: str) -> list[list[str]]:
+    """A row per method: MRE and gain under each protocol; ``–`` where a method was not run under one."""
+    methods = method_order({method for table in group for method in table.rows["method"]})
+    rows = []
+    for method in methods:
+        cells = [method]
+        for table in group:
+            match = table.rows[table.rows["method"] == method]
+            if match.empty:
+                cells += ["–", "–"]
+            elif (row := match.iloc[0])["incomplete"]:
+                cells += [f"incomplete ({row['n_seeds']}/{row['n_expected']})", "–"]
+            else:
+                mre = _fmt(row["mre_mean"], row["mre_std"], plus_minus=plus_minus)
+                cells += [bold(mre) if row["best_mre"] else mre, _gain_cell(row)]
+        rows.append(cells)
+    return rows
+
+
+def _side_by_side_notes(group: list[Table]) -> list[str]:
+    return ["MRE: mean ± std (sample std) over seeds; best per protocol in bold.", GAIN_NOTE,
+            *[PROTOCOL_NOTES[table.protocol] + "." for table in group if table.protocol in PROTOCOL_NOTES],
+            "Missing seeds, controls or per-image errors: see the notes of the per-protocol tables."]
 
 
 def markdown(tables: list[Table]) -> str:
-    """All tables as Markdown; the reference row sits last, labelled, below the methods."""
+    """The protocols side by side first (where there are several), then every table in full; the reference
+    row sits last, labelled, below the methods."""
     parts = ["# Leaderboard\n"]
+    for group in _protocol_groups(tables):
+        unit = group[0].unit or "?"
+        header = ["Method"] + [name for table in group
+                               for name in (f"{table.protocol} MRE ({unit})", f"{table.protocol} ΔMRE vs control")]
+        lines = [f"## Protocols side by side: {group[0].title} ({group[0].unit})", "",
+                 "| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+        lines += ["| " + " | ".join(cells) + " |"
+                  for cells in _side_by_side_rows(group, lambda text: f"**{text}**", "±")]
+        lines += [""] + [f"- {note}" for note in _side_by_side_notes(group)] + [""]
+        parts.append("\n".join(lines))
     for table in tables:
         header = _header(table)
-        lines = [f"## {table.title} ({table.unit})", "", "| " + " | ".join(header) + " |",
+        lines = [f"## {table.heading}", "", "| " + " | ".join(header) + " |",
                  "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
         for _, row in table.rows.iterrows():
             label = f"*{_method_label(row)}*" if row["reference"] else _method_label(row)
@@ -334,26 +474,60 @@ def markdown(tables: list[Table]) -> str:
 def _latex_escape(text: str) -> str:
     replacements = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                     "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                    "±": r"$\pm$", "≥": r"$\geq$", DAGGER: r"$^\dagger$"}
+                    "±": r"$\pm$", "≥": r"$\geq$", "<": r"$<$", ">": r"$>$", "Δ": r"$\Delta$",
+                    DAGGER: r"$^\dagger$"}
     return "".join(replacements.get(char, char) for char in text)
 
 
+def _latex_cell(cell: str) -> str:
+    """A cell built with LaTeX bold and ± already: only its dashes and ``<`` still need LaTeX's form."""
+    return cell.replace("–", "--").replace("<", "$<$")
+
+
+def _latex_label(*parts: str) -> str:
+    return r"\label{tab:" + re.sub(r"[^A-Za-z0-9]+", "-", "-".join(parts)) + "}"
+
+
+def _latex_side_by_side(group: list[Table]) -> str:
+    """One table, a column pair (MRE, ΔMRE vs control) per protocol under a spanning protocol header."""
+    first, unit = group[0], _latex_escape(group[0].unit or "?")
+    caption = (f"{_latex_escape(first.title)}, the protocols side by side: MRE in {unit} (mean $\\pm$ std over "
+               f"seeds), best per protocol in bold. " + " ".join(_latex_escape(note) for note in
+                                                                   _side_by_side_notes(group)[1:]))
+    spans = " & ".join(r"\multicolumn{2}{c}{" + _latex_escape(table.protocol) + "}" for table in group)
+    rules = "".join(rf"\cmidrule(lr){{{2 + 2 * i}-{3 + 2 * i}}}" for i in range(len(group)))
+    names = " & ".join([f"MRE ({unit}) $\\downarrow$", r"$\Delta$MRE $\downarrow$"] * len(group))
+    lines = [r"\begin{table}[t]", r"\centering", r"\caption{" + caption + "}",
+             _latex_label(first.dataset, first.split, first.shots, "protocols"),
+             r"\begin{tabular}{l" + "c" * 2 * len(group) + "}", r"\toprule", " & " + spans + r" \\", rules,
+             "Method & " + names + r" \\", r"\midrule"]
+    for cells in _side_by_side_rows(group, lambda text: r"\textbf{" + text + "}", r"$\pm$"):
+        lines.append(" & ".join([_latex_escape(cells[0]), *map(_latex_cell, cells[1:])]) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines)
+
+
 def latex(tables: list[Table]) -> str:
-    """All tables in a paper's style (booktabs; needs ``\\usepackage{booktabs}``)."""
-    blocks = []
+    """All tables in a paper's style (booktabs; needs ``\\usepackage{booktabs}``), the protocols side by side
+    first where there are several."""
+    blocks = [_latex_side_by_side(group) for group in _protocol_groups(tables)]
     for table in tables:
         header = [_latex_escape(name).replace("(\\%)", "(\\%) $\\uparrow$") for name in _header(table)]
         header[1] += r" $\downarrow$"
+        header[-3] += r" $\downarrow$"
         header[-2] += r" $\downarrow$"
         best = _latex_escape(table.best_method or "none")
-        caption = (f"{_latex_escape(table.title)}: MRE and ERE in {table.unit} (mean $\\pm$ std over seeds), SDR in "
+        caption = (f"{_latex_escape(table.title)}, {_latex_escape(table.protocol)} protocol: MRE and ERE in "
+                   f"{table.unit} (mean $\\pm$ std over seeds), SDR in "
                    f"\\% (mean over seeds); best in bold. $^\\dagger$: not significantly different from the "
-                   f"best-MRE method ({best}), {TEST_NAME}, $p \\geq {ALPHA}$.")
+                   f"best-MRE method ({best}), {TEST_NAME}, $p \\geq {ALPHA}$. {_latex_escape(GAIN_NOTE)}")
+        if table.protocol in PROTOCOL_NOTES:
+            caption += " " + _latex_escape(PROTOCOL_NOTES[table.protocol]) + "."
         if table.rows["reference"].any():
             caption += " Inter-observer: junior doctor against senior doctor, a reference (never marked best)."
-        label = "tab:" + re.sub(r"[^A-Za-z0-9]+", "-", f"{table.dataset}-{table.split}-{table.shots}")
         lines = [r"\begin{table}[t]", r"\centering", r"\caption{" + caption + "}",
-                 r"\label{" + label + "}", r"\begin{tabular}{l" + "c" * (len(header) - 1) + "}", r"\toprule",
+                 _latex_label(table.dataset, table.split, table.shots, table.protocol),
+                 r"\begin{tabular}{l" + "c" * (len(header) - 1) + "}", r"\toprule",
                  " & ".join(header) + r" \\", r"\midrule"]
         for _, row in table.rows.iterrows():
             if row["reference"]:
@@ -361,7 +535,7 @@ def latex(tables: list[Table]) -> str:
             label_text = _latex_escape(_method_label(row))
             label_text = r"\textit{" + label_text + "}" if row["reference"] else label_text
             cells = _cells(row, table, lambda text: r"\textbf{" + text + "}", r"$\pm$", r"$^\dagger$")
-            lines.append(" & ".join([label_text, *[cell.replace("–", "--") for cell in cells]]) + r" \\")
+            lines.append(" & ".join([label_text, *map(_latex_cell, cells)]) + r" \\")
         lines += [r"\bottomrule", r"\end{tabular}"]
         notes = [_latex_escape(note) for note in table.notes]
         if notes:
@@ -378,16 +552,23 @@ def _save_figure(figure: plt.Figure, path: Path) -> None:
     atomic_write(path, lambda stream: stream.write(buffer.getvalue()))
 
 
-def plot_against_shots(tables: list[Table], dataset: str, metric: str, path: Path) -> Path | None:
-    """``metric`` (mre or ere) of the pooled test split against shots: a line per method with a ± std band.
+def _pooled_split(tables: list[Table]) -> str:
+    """The split a figure shows: the pooled ``test`` where there is one, else the last part."""
+    return "test" if any(table.split == "test" for table in tables) else tables[-1].split
 
-    Incomplete cells are gaps, as in the tables; mean_shape is dashed; the inter-observer value is a
-    horizontal reference. None if no method has a value (e.g. ERE when every run failed).
+
+def plot_against_shots(tables: list[Table], dataset: str, metric: str, path: Path) -> Path | None:
+    """``metric`` (mre or ere) of the pooled test split against shots: a line per (method, protocol) with a
+    ± std band, a colour per method and a line style per protocol.
+
+    Incomplete cells are gaps, as in the tables; mean_shape is grey and dash-dotted; the inter-observer value
+    is a horizontal reference. None if no method has a value (e.g. ERE when every run failed).
     """
     chosen = [table for table in tables if table.dataset == dataset]
-    pooled = "test" if any(table.split == "test" for table in chosen) else chosen[-1].split
+    pooled = _pooled_split(chosen)
     frame = pd.concat([table.rows for table in chosen if table.split == pooled], ignore_index=True)
     shots = sorted(frame["shots"].unique(), key=shots_sort_key)
+    protocols = protocol_order(frame["protocol"].unique())
     x = np.arange(len(shots))
     methods = frame[~frame["reference"]]
     if methods[f"{metric}_mean"].isna().all():
@@ -396,15 +577,20 @@ def plot_against_shots(tables: list[Table], dataset: str, metric: str, path: Pat
     colours = {method: f"C{index}" for index, method in enumerate(
         method_order({method for table in tables for method in table.rows["method"]} - {BASELINE}))}
     colours[BASELINE] = "0.3"
+    styles = dict(zip(protocols, [("-", "o"), ("--", "s"), (":", "^"), ("-.", "v")]))
     figure, axis = plt.subplots(figsize=(6.4, 4.2))
-    for method in method_order(methods["method"].unique()):
-        series = methods[methods["method"] == method].set_index("shots").reindex(shots)
-        mean, std = series[f"{metric}_mean"].to_numpy(float), series[f"{metric}_std"].to_numpy(float)
-        if np.isnan(mean).all():
-            continue
-        axis.plot(x, mean, marker="o", label=method, color=colours[method],
-                  linestyle="--" if method == BASELINE else "-")
-        axis.fill_between(x, mean - std, mean + std, color=colours[method], alpha=0.15, linewidth=0)
+    for protocol in protocols:
+        for method in method_order(methods.loc[methods["protocol"] == protocol, "method"].unique()):
+            chosen_rows = methods[(methods["method"] == method) & (methods["protocol"] == protocol)]
+            series = chosen_rows.set_index("shots").reindex(shots)
+            mean, std = series[f"{metric}_mean"].to_numpy(float), series[f"{metric}_std"].to_numpy(float)
+            if np.isnan(mean).all():
+                continue
+            linestyle, marker = styles[protocol]
+            axis.plot(x, mean, marker=marker, color=colours[method],
+                      linestyle="-." if method == BASELINE else linestyle,
+                      label=method if len(protocols) == 1 or method == BASELINE else f"{method} ({protocol})")
+            axis.fill_between(x, mean - std, mean + std, color=colours[method], alpha=0.15, linewidth=0)
     reference = frame.loc[frame["reference"], f"{metric}_mean"].dropna()
     if not reference.empty:
         axis.axhline(reference.iloc[0], color="black", linestyle=":", label="inter-observer")
@@ -414,6 +600,45 @@ def plot_against_shots(tables: list[Table], dataset: str, metric: str, path: Pat
     axis.set_title(f"{dataset}: {metric.upper()} on the {pooled} split (mean ± std over seeds)")
     axis.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     axis.grid(alpha=0.3)
+    figure.tight_layout()
+    _save_figure(figure, path)
+    return path
+
+
+def plot_gains(tables: list[Table], dataset: str, shots: str, path: Path) -> Path | None:
+    """Each pretrained method's MRE minus its family's random-init control on the pooled test split: a bar
+    per protocol, annotated with the paired test's p-value (``n/a`` where the gain could not be computed).
+    None if no method has a control in these tables."""
+    chosen = [table for table in tables if table.dataset == dataset and table.shots == shots]
+    pooled = _pooled_split(chosen)
+    frame = pd.concat([table.rows for table in chosen if table.split == pooled], ignore_index=True)
+    frame = frame[frame["control"].notna()]
+    if frame.empty:
+        return None
+    methods = method_order(frame["method"].unique())
+    protocols = protocol_order(frame["protocol"].unique())
+    width = 0.8 / len(protocols)
+    figure, axis = plt.subplots(figsize=(1.1 * len(methods) + 2.5, 4.2))
+    for offset, protocol in enumerate(protocols):
+        gains = frame[frame["protocol"] == protocol].set_index("method").reindex(methods)
+        x = np.arange(len(methods)) + (offset - (len(protocols) - 1) / 2) * width
+        values = gains["gain_mre"].to_numpy(float)
+        axis.bar(x, np.nan_to_num(values), width, color=f"C{offset}", label=protocol)
+        for position, value, p_value in zip(x, values, gains["gain_p_value"].to_numpy(float)):
+            text = "n/a" if np.isnan(value) else ("untested" if np.isnan(p_value) else _fmt_p(p_value))
+            above = np.isnan(value) or value >= 0
+            axis.annotate(text, (position, 0 if np.isnan(value) else value), xytext=(0, 3 if above else -3),
+                          textcoords="offset points", ha="center", va="bottom" if above else "top",
+                          fontsize=7, rotation=90)
+    axis.axhline(0, color="black", linewidth=0.8)
+    axis.set_xticks(np.arange(len(methods)), [f"{m}\nvs {control_of(m)}" for m in methods], fontsize=8)
+    axis.set_ylabel(f"ΔMRE vs control ({chosen[0].unit})")
+    axis.margins(y=0.25)
+    shots_label = "all training images" if shots == "all" else f"{shots} shots"
+    axis.set_title(f"{dataset}, {shots_label}, {pooled} split: MRE minus its family's random-init control\n"
+                   "(mean over seeds; negative = better; two-sided paired Wilcoxon p)", fontsize=9)
+    axis.legend(fontsize=8, title="protocol", title_fontsize=8)
+    axis.grid(alpha=0.3, axis="y")
     figure.tight_layout()
     _save_figure(figure, path)
     return path
@@ -480,7 +705,7 @@ def plot_overlays(results: pd.DataFrame, path: Path, shots: str | None = None, s
 
 
 def tidy(tables: list[Table]) -> pd.DataFrame:
-    """One row per (dataset, split, shots, method); SDR columns of every dataset's thresholds side by side
+    """One row per (dataset, split, shots, protocol, method); SDR columns of every dataset's thresholds side by side
     (empty where a dataset has other thresholds), each in threshold order."""
     if not tables:
         return pd.DataFrame()
@@ -498,7 +723,8 @@ def build_leaderboard(results_csv: str | Path, out_dir: str | Path, expected_see
 
     ``expected_seeds`` defaults to the most seeds any method has rows for in a (dataset, shots) cell.
     Returns the written paths by name (``markdown``, ``latex``, ``csv``, ``mre_vs_shots_<dataset>``,
-    ``ere_vs_shots_<dataset>``, ``overlays``); a figure with nothing to show is not written.
+    ``ere_vs_shots_<dataset>``, ``gain_vs_control_<dataset>_<shots>shots``, ``overlays``); a figure with
+    nothing to show is not written.
     """
     out_dir = Path(out_dir)
     results = read_results(results_csv)
@@ -512,6 +738,10 @@ def build_leaderboard(results_csv: str | Path, out_dir: str | Path, expected_see
         for metric in ("mre", "ere"):
             name = f"{metric}_vs_shots_{dataset}"
             if (written := plot_against_shots(tables, dataset, metric, out_dir / f"{name}.png")) is not None:
+                paths[name] = written
+        for shots in sorted({table.shots for table in tables if table.dataset == dataset}, key=shots_sort_key):
+            name = f"gain_vs_control_{dataset}_{shots}shots"
+            if (written := plot_gains(tables, dataset, shots, out_dir / f"{name}.png")) is not None:
                 paths[name] = written
     if (written := plot_overlays(results, out_dir / "overlays.png", overlay_shots, overlay_seed)) is not None:
         paths["overlays"] = written

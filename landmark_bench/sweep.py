@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from threading import Condition
 
@@ -22,11 +22,12 @@ import numpy as np
 import pandas as pd
 
 from landmark_bench.data.datamodule import parse_shots
-from landmark_bench.finetune import threads_per_process
+from landmark_bench.finetune import finetune, run_dir_name
 from landmark_bench.io import write_csv, write_json
-from landmark_bench.methods import DIFFUSION_METHODS, FINETUNE_METHODS, PRETRAINING, check_method
+from landmark_bench.methods import FINETUNE_METHODS, PRETRAINING, PROTOCOLS, check_method, family_of
 from landmark_bench.presets import get_preset
-from landmark_bench.pretrain import CHECKPOINT_NAME, DEFAULT_PRETRAINING_DATASETS
+from landmark_bench.pretrain import CHECKPOINT_NAME, DEFAULT_PRETRAINING_DATASETS, pretrain
+from landmark_bench.runs import USER_ERRORS, threads_per_process
 
 LAUNCHERS = ("inprocess", "local", "slurm", "submitit-local", "submitit-debug")
 
@@ -37,6 +38,7 @@ class PretrainJob:
     datasets: tuple[str, ...]
     preset: str
     out: str
+    overrides: dict = field(default_factory=dict, compare=False)
 
     @property
     def checkpoint(self) -> Path:
@@ -55,6 +57,8 @@ class FinetuneJob:
     preset: str
     out: str
     pretrained: str | None = None
+    protocol: str = "finetune"
+    overrides: dict = field(default_factory=dict, compare=False)
 
     def state(self) -> str:
         return "done" if (Path(self.out) / "run.json").is_file() else read_status(Path(self.out))
@@ -69,35 +73,43 @@ def read_status(folder: Path) -> str:
 
 def plan(
     out: Path, methods: list[str], datasets: list[str], shots: list[int | str], seeds: list[int], preset: str,
-    pretrain_datasets: list[str] | None = None,
+    pretrain_datasets: list[str] | None = None, protocols: list[str] | tuple[str, ...] = ("finetune",),
+    overrides: dict | None = None,
 ) -> tuple[list[PretrainJob], list[FinetuneJob]]:
-    """Every pretraining once (shared by all fine-tunes of its method), then every fine-tune."""
-    get_preset(preset)
+    """Every pretraining once (shared by all fine-tunes and probes of its method), then every fine-tune and
+    probe (reference rows such as ``mean_shape`` have no backbone, so no probe)."""
+    overrides = overrides or {}
+    get_preset(preset, overrides)
     for method in methods:
         check_method(method, FINETUNE_METHODS)
+    for protocol in protocols:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {protocol!r}; valid protocols: {', '.join(PROTOCOLS)}")
     corpus = tuple(pretrain_datasets or (DEFAULT_PRETRAINING_DATASETS if "phantom" not in datasets else datasets))
-    pretraining = {method: PretrainJob(method, corpus, preset, str(out / "pretrain" / method))
+    pretraining = {method: PretrainJob(method, corpus, preset, str(out / "pretrain" / method), overrides)
                    for method in methods if method in PRETRAINING}
     finetunes = [
         FinetuneJob(method, dataset, parse_shots(shot), seed, preset,
-                    str(out / "runs" / f"{method}-{dataset}-{parse_shots(shot)}shot-seed{seed}"),
-                    str(pretraining[method].checkpoint) if method in pretraining else None)
-        for dataset in datasets for shot in shots for seed in seeds for method in methods
+                    str(out / "runs" / run_dir_name(method, dataset, parse_shots(shot), seed, protocol)),
+                    str(pretraining[method].checkpoint) if method in pretraining else None, protocol, overrides)
+        for protocol in protocols for dataset in datasets for shot in shots for seed in seeds for method in methods
+        if protocol == "finetune" or family_of(method) is not None
     ]
     return list(pretraining.values()), finetunes
 
 
 def estimate_seconds(job: PretrainJob | FinetuneJob) -> float:
     """The preset's own per-step estimate times the steps, plus a fixed start-up and evaluation cost."""
-    settings = get_preset(job.preset)
+    settings = get_preset(job.preset, job.overrides)
     if isinstance(job, PretrainJob):
         steps = settings["pretrain"][job.method]["max_steps"]
         return settings["estimate"]["startup"] + steps * settings["estimate"]["pretrain_step"][job.method]
     if job.method == "mean_shape":
         return settings["estimate"]["startup"]
-    family = "diffusion" if job.method in DIFFUSION_METHODS else "encoder"
+    family = family_of(job.method) or "encoder"
+    step = settings["estimate"][f"{job.protocol}_step"][family]
     return (settings["estimate"]["startup"] + settings["estimate"]["evaluation"][family]
-            + settings["finetune"]["max_steps"] * settings["estimate"]["finetune_step"][family])
+            + settings["finetune"]["max_steps"] * step)
 
 
 def by_priority(pretraining: list[PretrainJob], finetunes: list[FinetuneJob]) -> list:
@@ -141,7 +153,7 @@ def describe(pretraining: list[PretrainJob], finetunes: list[FinetuneJob], slots
         cost = 0.0 if state == "done" else estimate_seconds(job)
         total += cost
         what = (f"pretrain {job.method} on {'+'.join(job.datasets)}" if isinstance(job, PretrainJob)
-                else f"finetune {job.method} {job.dataset} {job.shots}-shot seed {job.seed}")
+                else f"{job.protocol} {job.method} {job.dataset} {job.shots}-shot seed {job.seed}")
         lines.append(f"  [{state:>7}] {what:<55} ~{cost / 60:5.1f} min")
     done = sum(job.state() == "done" for job in [*pretraining, *finetunes])
     wall = estimated_wall_seconds(by_priority(pretraining, finetunes), needs_of(pretraining), slots)
@@ -156,21 +168,31 @@ def describe(pretraining: list[PretrainJob], finetunes: list[FinetuneJob], slots
 def job_arguments(job: PretrainJob | FinetuneJob, data_dir: str | None, group: str, devices: int) -> list[str]:
     """The ``landmark-bench`` argument list of a job: never a shell string."""
     common = ["--preset", job.preset, "--out", job.out, "--devices", str(devices), "--wandb-group", group]
+    if job.overrides:
+        common += ["--set", *(f"{key}={value!r}" for key, value in job.overrides.items())]
     if data_dir:
         common += ["--data-dir", str(data_dir)]
     if isinstance(job, PretrainJob):
         return ["pretrain", "--method", job.method, "--datasets", *job.datasets, *common]
     args = ["finetune", "--method", job.method, "--dataset", job.dataset, "--shots", str(job.shots),
-            "--seed", str(job.seed), *common]
+            "--seed", str(job.seed), "--protocol", job.protocol, *common]
     return args + (["--pretrained", job.pretrained] if job.pretrained else [])
 
 
 def execute(job: PretrainJob | FinetuneJob, data_dir: str | None, group: str, devices: int = 1) -> str:
-    """Run one job in this process; a failure is recorded in its folder and reported, never raised."""
-    from landmark_bench.cli import main
-
-    code = main(job_arguments(job, data_dir, group, devices))
-    return "done" if code == 0 and job.state() == "done" else "failed"
+    """Run one job in this process; a user error (data, checkpoint, setting) is recorded in its folder and
+    reported in one line, never raised."""
+    try:
+        if isinstance(job, PretrainJob):
+            pretrain(method=job.method, datasets=job.datasets, preset=job.preset, data_dir=data_dir, out=job.out,
+                     devices=devices, wandb_group=group, overrides=job.overrides)
+        else:
+            finetune(method=job.method, dataset=job.dataset, shots=job.shots, seed=job.seed, preset=job.preset,
+                     data_dir=data_dir, out=job.out, pretrained=job.pretrained, devices=devices, wandb_group=group,
+                     overrides=job.overrides, protocol=job.protocol)
+    except USER_ERRORS as error:
+        print(f"{Path(job.out).name}: error: {error}", file=sys.stderr)
+    return "done" if job.state() == "done" else "failed"
 
 
 def run_subprocess(job: PretrainJob | FinetuneJob, data_dir: str | None, group: str, slot: str,
@@ -293,14 +315,25 @@ def flatten_metrics(metrics: dict) -> dict:
     return row
 
 
+def pretraining_learned(checkpoint: str | None) -> bool | None:
+    """The verdict of the pretraining's health record (``health.json`` beside its checkpoint); None if it has none."""
+    if not checkpoint:
+        return None
+    try:
+        return bool(json.loads((Path(checkpoint).parent / "health.json").read_text())["learned"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def job_row(job: FinetuneJob) -> dict | None:
     """The result row of a finished job, or None while it is pending."""
-    base = {"method": job.method, "dataset": job.dataset, "shots": str(job.shots), "seed": job.seed,
-            "preset": job.preset, "run_dir": str(Path(job.out).resolve())}
+    base = {"method": job.method, "protocol": job.protocol, "dataset": job.dataset, "shots": str(job.shots),
+            "seed": job.seed, "preset": job.preset, "run_dir": str(Path(job.out).resolve())}
     state = job.state()
     if state == "done":
         record = json.loads((Path(job.out) / "run.json").read_text())
         return {**base, "status": "done", "reason": "", "subset_ids": " ".join(record.get("subset_ids", [])),
+                "pretraining_learned": pretraining_learned(job.pretrained),
                 "config_hash": record["config_hash"], "code_version": record["code_version"],
                 "checkpoint": record.get("best_checkpoint", ""), "pretrained": job.pretrained or "",
                 "wall_seconds": record["wall_seconds"], "train_seconds": record["train_seconds"],
@@ -311,41 +344,64 @@ def job_row(job: FinetuneJob) -> dict | None:
     return None
 
 
-def inter_observer_row(data_dir: str) -> dict:
-    """ISBI reference: the junior doctor's points scored against the senior doctor's, on each test split."""
+def reference_rows(dataset: str, data_dir: str | None) -> list[dict]:
+    """The dataset's human reference rows (its reader's ``reference_readers``: e.g. ISBI's junior doctor scored
+    against its senior doctor), on each test split."""
     from landmark_bench.data.registry import get_reader
     from landmark_bench.evaluation import metric_for, update_from_points
 
-    senior, junior = get_reader("isbi2015", data_dir, ground_truth="senior"), get_reader("isbi2015", data_dir, ground_truth="junior")
-    metrics = {}
-    for split in ("test1", "test2", "test"):
-        records = senior.records(split)
-        metric = metric_for(records)
-        update_from_points(metric, records, np.stack([record.landmarks for record in junior.records(split)]))
-        metrics[split] = metric.compute()
-    return {"method": "inter_observer", "dataset": "isbi2015", "shots": "", "seed": np.nan, "status": "done",
-            "reason": "", **flatten_metrics(metrics)}
+    reader = get_reader(dataset, data_dir)
+    rows = []
+    for name, (truth, observer) in reader.reference_readers().items():
+        metrics = {}
+        for split in reader.test_splits:
+            records = truth.records(split)
+            metric = metric_for(records)
+            update_from_points(metric, records, np.stack([record.landmarks for record in observer.records(split)]))
+            metrics[split] = metric.compute()
+        rows.append({"method": name, "dataset": dataset, "shots": "", "seed": np.nan, "status": "done", "reason": "",
+                     **flatten_metrics(metrics)})
+    return rows
 
 
 def write_results(out: Path, finetunes: list[FinetuneJob], data_dir: str | None) -> pd.DataFrame:
     rows = [row for row in map(job_row, finetunes) if row is not None]
-    if data_dir and any(job.dataset == "isbi2015" for job in finetunes):
-        rows.append(inter_observer_row(data_dir))
+    if data_dir:
+        for dataset in dict.fromkeys(job.dataset for job in finetunes):
+            rows.extend(reference_rows(dataset, data_dir))
     frame = pd.DataFrame(rows)
     write_csv(out / "results.csv", frame)
     return frame
+
+
+def check_same_settings(out: Path, preset: str, overrides: dict) -> None:
+    """Refuse to resume a sweep folder with another preset or other overrides than it was made with."""
+    try:
+        recorded = json.loads((out / "sweep.json").read_text())
+    except (OSError, ValueError):
+        return
+    before = (recorded.get("preset"), recorded.get("overrides") or {})
+    if before != (preset, json.loads(json.dumps(overrides))):
+        raise ValueError(f"sweep folder {out} holds runs made with preset {before[0]!r} and settings {before[1]}; "
+                         f"this command asks for preset {preset!r} and settings {overrides}: use another --out")
 
 
 def run_sweep(
     *, out: str | Path, methods: list[str], datasets: list[str], shots: list, seeds: list[int], preset: str = "cpu",
     data_dir: str | None = None, launcher: str = "inprocess", slots: list[str] | None = None,
     pretrain_datasets: list[str] | None = None, dry_run: bool = False, slurm: dict | None = None, devices: int = 1,
-    collect: bool = False,
+    collect: bool = False, protocols: list[str] | tuple[str, ...] = ("finetune",), overrides: dict | None = None,
 ) -> pd.DataFrame | None:
     """Plan, run what is not done yet, rebuild ``results.csv`` and the leaderboard; ``dry_run`` only prints;
-    ``collect`` rebuilds ``results.csv`` from the run folders without running anything."""
+    ``collect`` rebuilds ``results.csv`` from the run folders without running anything.
+
+    ``overrides`` (dotted preset keys) reach every job; a sweep folder holds runs of one preset and one set of
+    overrides only, so resuming it with other settings is refused rather than mixing runs."""
     out = Path(out)
-    pretraining, finetunes = plan(out, methods, datasets, shots, seeds, preset, pretrain_datasets)
+    overrides = overrides or {}
+    check_same_settings(out, preset, overrides)
+    pretraining, finetunes = plan(out, methods, datasets, shots, seeds, preset, pretrain_datasets, protocols,
+                                  overrides)
     print(describe(pretraining, finetunes, len(slots or ["cpu"]) if launcher == "local" else 1), flush=True)
     if dry_run:
         return None
@@ -353,17 +409,22 @@ def run_sweep(
         return write_results(out, finetunes, data_dir)
     out.mkdir(parents=True, exist_ok=True)
     group = out.resolve().name
-    write_json(out / "sweep.json", {"methods": methods, "datasets": datasets, "shots": [str(s) for s in shots],
-                                    "seeds": seeds, "preset": preset, "data_dir": data_dir, "launcher": launcher,
+    write_json(out / "sweep.json", {"methods": methods, "protocols": list(protocols), "datasets": datasets,
+                                    "shots": [str(s) for s in shots], "seeds": seeds, "preset": preset,
+                                    "overrides": overrides, "data_dir": data_dir, "launcher": launcher,
                                     "slots": slots,
                                     "pretrain_datasets": list(pretraining[0].datasets) if pretraining else None})
     runner = Runner(launcher, data_dir, group, slots or ["cpu"], out, slurm, devices)
     started = time.perf_counter()
     total = len(pretraining) + len(finetunes)
 
+    parallel = len(slots or ["cpu"]) if launcher == "local" else 1
+
     def progress(job) -> None:
-        finished = sum(j.state() in ("done", "failed") for j in [*pretraining, *finetunes])
-        print(f"[{finished}/{total}] {job.state()}: {Path(job.out).name} ({(time.perf_counter() - started) / 60:.1f} min)",
+        left = [j for j in [*pretraining, *finetunes] if j.state() not in ("done", "failed")]
+        left_minutes = sum(map(estimate_seconds, left)) / parallel / 60
+        print(f"[{total - len(left)}/{total}] {job.state()}: {Path(job.out).name}  "
+              f"elapsed {(time.perf_counter() - started) / 60:.1f} min, about {left_minutes:.0f} min left",
               flush=True)
         if isinstance(job, FinetuneJob):
             write_results(out, finetunes, None)

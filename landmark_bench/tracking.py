@@ -23,8 +23,16 @@ def run_loggers(run_dir: Path, name: str, group: str | None, tags: list[str], co
     loggers: list[Logger] = [CSVLogger(run_dir, name="logs")]
     if wandb_mode() != "disabled":
         loggers.append(WandbLogger(project=os.environ.get("WANDB_PROJECT", "landmark_bench"), name=name, group=group,
-                                   tags=tags, save_dir=str(run_dir), offline=wandb_mode() != "online", config=config))
+                                   tags=tags, save_dir=str(run_dir), offline=wandb_mode() != "online", config=config,
+                                   settings=quiet_settings()))
     return loggers
+
+
+def quiet_settings():
+    """W&B writes its banner and sync hints to its own log file, not the console: a sweep's progress stays legible."""
+    import wandb
+
+    return wandb.Settings(silent=True, show_info=False, show_warnings=False)
 
 
 def finish(loggers: list[Logger]) -> None:
@@ -41,6 +49,7 @@ def log_leaderboard(sweep_dir: Path, paths: dict[str, Path]) -> None:
     import pandas as pd
     import wandb
 
+    os.environ.setdefault("WANDB_SILENT", "true")  # the banner goes to the run's log file, as for every run
     run = wandb.init(project=os.environ.get("WANDB_PROJECT", "landmark_bench"), group=Path(sweep_dir).resolve().name,
                      job_type="leaderboard", name="leaderboard", dir=str(sweep_dir),
                      mode="online" if wandb_mode() == "online" else "offline")

@@ -12,6 +12,7 @@ import torch
 
 from landmark_bench.data.datamodule import LandmarkDataModule
 from landmark_bench.evaluation import LandmarkEvaluation
+from landmark_bench.methods import build_backbone
 from landmark_bench.models.detector import LandmarkDetector
 from landmark_bench.presets import get_preset
 
@@ -30,7 +31,8 @@ def test_ddp_fine_tune_matches_single_process_evaluation(tmp_path):
     cfg = get_preset("tiny")["finetune"]
     datamodule = LandmarkDataModule("phantom", shots=5, seed=0, resolution=cfg["resolution"], batch_size=3,
                                     sigma=cfg["sigma"])
-    model = LandmarkDetector(num_landmarks=datamodule.reader.num_landmarks, refine_window=cfg["refine_window"])
+    model = LandmarkDetector(backbone=build_backbone("scratch"), num_landmarks=datamodule.reader.num_landmarks,
+                             refine_window=cfg["refine_window"])
     state = torch.load(run["best_checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
     model.load_state_dict(state)
     evaluation = LandmarkEvaluation(tmp_path / "single")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
+import json
+import math
+
 import lightning.pytorch as L
 import numpy as np
 import pytest
@@ -22,7 +26,8 @@ from landmark_bench.models.unet import (
     null_condition_index,
     to_diffusion_range,
 )
-from landmark_bench.pretrain import RUN_KEYS
+from landmark_bench.data.datamodule import UnlabeledDataModule
+from landmark_bench.pretrain import RUN_KEYS, pretrain
 from landmark_bench.presets import FINETUNE, PRESETS, UNET
 
 TINY_UNET = UNET["tiny"]
@@ -279,7 +284,9 @@ def test_sample_grid_has_a_row_per_condition(cdpm_run, ddpm_checkpoint, tmp_path
 def test_presets_build_both_methods_on_one_unet(preset):
     settings = PRESETS[preset]
     ddpm_settings, cdpm_settings = settings["pretrain"]["ddpm"], settings["pretrain"]["cdpm_align"]
-    assert settings["unet"]["sample_size"] == ddpm_settings["resolution"] == cdpm_settings["resolution"]
+    assert settings["unet"]["sample_size"] == ddpm_settings["crop_size"] == cdpm_settings["crop_size"]
+    assert ddpm_settings["resolution"] == FINETUNE[preset]["resolution"] or preset == "tiny"  # fine-tune pixel scale
+    assert ddpm_settings["held_out_fraction"] > 0  # the health record needs held-out images
     assert {name: cdpm_settings[name] for name in ddpm_settings} == ddpm_settings  # same schedule, cdpm adds its own
     assert len(settings["unet"]["block_out_channels"]) == 4  # four decoder scales for the alignment loss
     assert all(side % 8 == 0 for side in FINETUNE[preset]["resolution"])
@@ -288,3 +295,178 @@ def test_presets_build_both_methods_on_one_unet(preset):
     kwargs = {name: value for name, value in cdpm_settings.items() if name not in RUN_KEYS}
     module = CDPMAlignPretrain(unet=settings["unet"], dataset_names=DATASETS, **kwargs)
     assert len(module.align_scales) == 4
+
+
+def test_paper_preset_has_the_reported_cdpm_align_settings():
+    """The second-hand settings of DESIGN.md ("What is reported about the paper's settings")."""
+    settings = PRESETS["paper"]["pretrain"]["cdpm_align"]
+    assert settings["num_train_timesteps"] == 500 and settings["beta_schedule"] == "linear"
+    assert (settings["beta_start"], settings["beta_end"]) == (1e-4, 0.028)
+    assert settings["condition_dropout"] == 0.1 and settings["align_weight"] == 5
+    assert settings["align_timestep_range"] == [0.25, 0.75] and settings["align_fraction"] == 0.1
+    assert (settings["batch_size"], settings["lr"], settings["max_steps"]) == (16, 1e-4, 50000)
+    assert settings["backbone_timestep"] == 200
+
+
+def test_timestep_pair_stays_in_the_range():
+    torch.manual_seed(0)
+    first, second = draw_timestep_pair(4096, 500, max_gap=None, timestep_range=(0.25, 0.75))
+    for drawn in (first, second):
+        assert drawn.min() == 125 and drawn.max() == 375
+    first, second = draw_timestep_pair(4096, 500, max_gap=10, timestep_range=(0.25, 0.75))
+    assert second.min() >= 125 and second.max() <= 375 and (first - second).abs().max() <= 10
+
+
+def contains_window(image: torch.Tensor, window: torch.Tensor) -> bool:
+    height, width = window.shape
+    return any(
+        torch.equal(image[top : top + height, left : left + width], window)
+        for top in range(image.shape[0] - height + 1)
+        for left in range(image.shape[1] - width + 1)
+    )
+
+
+def test_unlabeled_datamodule_crops_at_the_cache_scale_and_holds_out_a_fixed_slice(tmp_path):
+    def datamodule(seed: int) -> UnlabeledDataModule:
+        module = UnlabeledDataModule(["phantom"], resolution=[40, 32], crop_size=16, held_out_fraction=0.1,
+                                     seed=seed, cache_dir=str(tmp_path))
+        module.setup("fit")
+        return module
+
+    first, again, other = datamodule(0), datamodule(0), datamodule(1)
+    assert len(first.dataset) == 90 and len(first.held_out) == 10  # the phantom's 100 pretraining images
+    assert not any(torch.equal(image, held) for image in first.dataset.images for held in first.held_out.images)
+    assert torch.equal(first.held_out.images, other.held_out.images)  # the held-out slice does not move with seed
+    items = [first.dataset[index] for index in range(6)]
+    assert all(item["image"].shape == (1, 16, 16) and 0 <= item["image"].min() <= item["image"].max() <= 1
+               for item in items)
+    for index, item in enumerate(items):  # a crop is a window of the 40x32 cached image, not a resized image
+        assert contains_window(first.dataset.images[index], (item["image"][0] * 255).round().to(torch.uint8))
+    assert all(torch.equal(item["image"], again.dataset[index]["image"]) for index, item in enumerate(items))
+    assert any(not torch.equal(item["image"], other.dataset[index]["image"]) for index, item in enumerate(items))
+    batch = first.held_out.fixed_batch(crops_per_image=3, seed=5)
+    assert batch["image"].shape == (30, 1, 16, 16) and torch.equal(batch["dataset_index"], torch.zeros(30).long())
+    torch.testing.assert_close(batch["image"], first.held_out.fixed_batch(crops_per_image=3, seed=5)["image"])
+    whole = UnlabeledDataModule(["phantom"], resolution=16, cache_dir=str(tmp_path))
+    whole.setup("fit")
+    assert whole.dataset[0]["image"].shape == (1, 16, 16) and len(whole.dataset) == 100 and len(whole.held_out) == 0
+
+
+@pytest.mark.parametrize("method", ["ddpm", "cdpm_align"])
+def test_tiny_pretraining_writes_a_health_record(method, tmp_path):
+    record = pretrain(method=method, datasets=["phantom"], preset="tiny", out=tmp_path, accelerator="cpu")
+    health = json.loads((tmp_path / "health.json").read_text())
+    assert json.loads((tmp_path / "run.json").read_text())["health"] == health
+    assert health == json.loads(json.dumps(record["health"]))
+    assert {"learned", "summary", "timesteps", "pretrained_mse", "untrained_mse", "ratio"} <= set(health)
+    assert isinstance(health["learned"], bool) and "held-out denoising MSE" in health["summary"]
+    assert health["timesteps"] == [50, 200, 500, 800]
+    values = health["pretrained_mse"] + health["untrained_mse"] + health["ratio"]
+    assert len(values) == 12 and all(math.isfinite(value) and value > 0 for value in values)
+    assert health["learned"] == all(ratio <= 0.7 for ratio in health["ratio"])
+    assert health["held_out_images"] == 10 and health["sample_shape"] == [1, 16, 16]
+
+
+def test_health_record_sees_what_training_taught():
+    """Trained on the held-out kind of images, the EMA UNet denoises them far better than a fresh one."""
+    torch.manual_seed(0)
+    images = disc_images(4)
+    module = DDPMPretrain(unet=TINY_UNET, dataset_names=DATASETS, max_steps=60, lr=3e-3, warmup_steps=0,
+                          lr_schedule="constant", ema_decay=0.5)
+    batch = [{"image": image, "dataset_index": torch.tensor(0)} for image in images]
+    quiet_trainer(60).fit(module, DataLoader(batch * 60, batch_size=4))
+
+    class HeldOut:
+        held_out = type("Held", (), {"__len__": lambda self: 4,
+                                     "fixed_batch": lambda self, **_: {"image": images,
+                                                                       "dataset_index": torch.zeros(4).long()}})()
+
+        def setup(self, stage):
+            pass
+
+    health = module.health_record(HeldOut())
+    assert health["learned"] and all(ratio < 0.5 for ratio in health["ratio"])
+
+
+def stub_features(timestep: int, condition: int, shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
+    """A fixed random feature map per scale, a function of (timestep, condition) only."""
+    generator = torch.Generator().manual_seed(1000 * timestep + condition)
+    return [torch.randn(shape, generator=generator, dtype=torch.float64) for shape in shapes]
+
+
+def test_alignment_step_pairs_the_four_passes_as_the_paper_defines(monkeypatch):
+    """L_align = mean_s (1 - cos(g1, g2)), g_i = h(x_ti, ti, y) - h(x_ti, ti, ∅), from stub decoder features
+    keyed by (timestep, condition): any other pairing of the four passes gives another value."""
+    shapes = [(4, 2, 2), (4, 4, 4), (2, 8, 8), (2, 16, 16)]
+    first, second = torch.tensor([10, 300, 620]), torch.tensor([700, 40, 500])
+    labels = torch.tensor([0, 1, 0])
+    module = CDPMAlignPretrain(unet=TINY_UNET, dataset_names=DATASETS, max_steps=4, align_weight=2.0,
+                               align_timestep_range=[0.0, 0.9])
+    null = module.null_index
+    seen = {}
+
+    def fake_pair(batch_size, num_train_timesteps, max_gap, device, timestep_range):
+        assert (batch_size, num_train_timesteps, timestep_range) == (3, 1000, [0.0, 0.9])
+        return first, second
+
+    def fake_decoder_features(unet, sample, timesteps, class_labels):
+        seen.update(sample=sample, timesteps=timesteps, labels=class_labels)
+        features = [stub_features(int(t), int(c), shapes) for t, c in zip(timesteps, class_labels)]
+        stacked = [torch.stack([per_pass[scale] for per_pass in features]) for scale in range(len(shapes))]
+        return torch.zeros_like(sample), stacked
+
+    logged = {}
+    monkeypatch.setattr(cdpm_align, "draw_timestep_pair", fake_pair)
+    monkeypatch.setattr(cdpm_align, "decoder_features", fake_decoder_features)
+    monkeypatch.setattr(module, "log", lambda name, value, **_: logged.__setitem__(name, float(value)))
+    images = disc_images(3)
+    loss = module.alignment_step({"image": images, "dataset_index": labels})
+
+    # the passes: each x_ti goes in with y and with ∅, at its own ti
+    sample, timesteps, class_labels = seen["sample"], seen["timesteps"], seen["labels"]
+    for position, (t, c) in enumerate(zip(timesteps.tolist(), class_labels.tolist())):
+        row = position % 3
+        expected_t = (first if position % 6 < 3 else second)[row]
+        assert t == expected_t and c == (labels[row] if position < 6 else null)
+    torch.testing.assert_close(sample[:6], sample[6:])  # the same noisy images under both conditions
+
+    def loss_of(pairing) -> float:
+        """1 - cos over the passes named (t-index, condition) for (cond_1, null_1, cond_2, null_2), per sample."""
+        per_scale = []
+        for scale in range(len(shapes)):
+            cosines = []
+            for row in range(3):
+                times = {1: int(first[row]), 2: int(second[row])}
+                conditions = {"y": int(labels[row]), "null": null}
+                h = [stub_features(times[i], conditions[c], shapes)[scale].flatten() for i, c in pairing]
+                cosines.append(F.cosine_similarity(h[0] - h[1], h[2] - h[3], dim=0))
+            per_scale.append(1 - torch.stack(cosines).mean())
+        return float(torch.stack(per_scale).mean())
+
+    correct = [(1, "y"), (1, "null"), (2, "y"), (2, "null")]
+    expected = loss_of(correct)
+    assert logged["train/align_loss"] == pytest.approx(expected, rel=1e-5)
+    for a, b in itertools.combinations(range(4), 2):  # the test can tell any swap of two passes apart
+        swapped = list(correct)
+        swapped[a], swapped[b] = swapped[b], swapped[a]
+        assert loss_of(swapped) != pytest.approx(expected, rel=1e-3)
+    assert float(loss) == pytest.approx(logged["train/diffusion_loss"] + 2.0 * expected, rel=1e-5)
+
+
+def test_backbone_noise_input_is_deterministic_and_pyramid_matches_forward(cdpm_run):
+    _, _, path = cdpm_run
+    image = torch.rand(2, 1, 32, 24)
+    clean = cdpm_align.build_backbone(str(path), "hand", timestep=200)
+    noised = cdpm_align.build_backbone(str(path), "hand", timestep=200, noise_input=True)
+    assert not clean.noise_input and noised.noise_input
+    with torch.no_grad():
+        torch.testing.assert_close(noised(image), noised(image))  # fixed seeded noise: deterministic
+        assert not torch.allclose(noised(image), clean(image))
+        pyramid = noised.pyramid(image)
+        channels = TINY_UNET["block_out_channels"][::-1]
+        assert [tuple(level.shape) for level in pyramid] == [
+            (2, channels[scale], 32 // 2 ** (3 - scale), 24 // 2 ** (3 - scale)) for scale in range(4)
+        ]
+        unet = noised.unet
+        torch.testing.assert_close(unet.conv_act(unet.conv_norm_out(pyramid[-1])), noised(image))
+    assert cdpm_align.build_backbone(str(path), "hand").timestep == 0  # the checkpoint's backbone_timestep

@@ -37,7 +37,8 @@ def test_predictions_csv_reproduces_metrics_json_exactly(tiny_runs, tmp_path):
 def test_non_finite_loss_stops_with_a_failed_status(tmp_path):
     with pytest.raises(FloatingPointError, match="non-finite training loss"):
         finetune(method="scratch", dataset="phantom", shots=5, seed=0, preset="tiny", out=tmp_path,
-                 overrides={"lr": 1e30, "max_steps": 6, "warmup_steps": 1, "val_every": 3})
+                 overrides={"finetune.lr": 1e30, "finetune.max_steps": 6, "finetune.warmup_steps": 1,
+                            "finetune.val_every": 3})
     status = json.loads((tmp_path / "status.json").read_text())
     assert status["status"] == "failed" and "non-finite training loss" in status["reason"]
 

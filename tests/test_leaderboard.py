@@ -17,6 +17,7 @@ import matplotlib.image
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.stats import wilcoxon
 
 from landmark_bench.leaderboard import build_leaderboard, read_results
 
@@ -279,3 +280,177 @@ def test_two_done_rows_for_one_job_rejected(tmp_path: Path) -> None:
     pd.concat([frame, frame.iloc[[0]]]).to_csv(sweep, index=False)
     with pytest.raises(ValueError, match="several done rows"):
         read_results(sweep)
+
+
+# A two-protocol sweep with both random-init controls: per-image MRE levels built by hand per (protocol, method),
+# (seed, image), so each gain and its p-value can be recomputed here from the same numbers.
+PROTOCOL_SEEDS = (0, 1, 2)
+PROTOCOL_IMAGES = [f"img{i:02d}" for i in range(8)]
+PROTOCOL_BASES = {
+    "finetune": {"mean_shape": 6.0, "scratch": 3.0, "simclr": 2.8, "scratch_unet": 3.2, "ddpm": 3.0, "cdpm_align": 2.9},
+    "probe": {"scratch": 7.0, "simclr": 4.5, "scratch_unet": 7.5, "ddpm": 4.8, "cdpm_align": 4.4},
+}
+NO_ERRORS = ("probe", "cdpm_align", 1)  # a run whose errors.csv is missing: gain shown, not tested
+
+
+def protocol_levels() -> dict[tuple[str, str], np.ndarray]:
+    """(protocol, method) -> per-image MRE, shape (seeds, images)."""
+    rng = np.random.default_rng(14)
+    return {(protocol, method): base + rng.normal(0.0, 0.3, (len(PROTOCOL_SEEDS), len(PROTOCOL_IMAGES)))
+            for protocol, bases in PROTOCOL_BASES.items() for method, base in bases.items()}
+
+
+def write_protocol_sweep(root: Path) -> Path:
+    rows = []
+    for (protocol, method), levels in protocol_levels().items():
+        for seed in PROTOCOL_SEEDS:
+            name = f"{method}-isbi2015-10shot-seed{seed}" if protocol == "finetune" else \
+                f"{method}-probe-isbi2015-10shot-seed{seed}"
+            run_dir = root / "runs" / name
+            run_dir.mkdir(parents=True)
+            rows.append({"method": method, "dataset": "isbi2015", "shots": "10", "protocol": protocol, "seed": seed,
+                         "run_dir": str(run_dir), "unit": "mm", "status": "done", "reason": "",
+                         "test_mre": levels[seed].mean(), "test_mre_std": 0.5,
+                         "test_ere": np.nan if method == "mean_shape" else levels[seed].mean() + 1.0,
+                         "test_sdr_2.0": 50.0})
+            if (protocol, method, seed) == NO_ERRORS:
+                continue
+            errors = pd.DataFrame({"split": "test", "image_id": PROTOCOL_IMAGES, "landmark": 0, "name": "L0",
+                                   "x": 1.0, "y": 1.0, "radial_error": levels[seed], "ere": np.nan, "unit": "mm"})
+            errors.to_csv(run_dir / "errors.csv", index=False)
+    path = root / "results.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def protocol_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_protocol_sweep(tmp_path_factory.mktemp("protocols"))
+
+
+@pytest.fixture(scope="module")
+def protocol_built(protocol_sweep: Path) -> dict[str, Path]:
+    return build_leaderboard(protocol_sweep, protocol_sweep.parent / "leaderboard")
+
+
+@pytest.fixture(scope="module")
+def protocol_board(protocol_built: dict[str, Path]) -> pd.DataFrame:
+    return pd.read_csv(protocol_built["csv"], dtype={"shots": str})
+
+
+def protocol_row(board: pd.DataFrame, method: str, protocol: str) -> pd.Series:
+    match = board[(board.method == method) & (board.protocol == protocol)]
+    assert len(match) == 1, (method, protocol)
+    return match.iloc[0]
+
+
+@pytest.mark.parametrize("protocol, method, control", [
+    ("finetune", "simclr", "scratch"), ("finetune", "ddpm", "scratch_unet"), ("finetune", "cdpm_align", "scratch_unet"),
+    ("probe", "simclr", "scratch"), ("probe", "ddpm", "scratch_unet"),
+])
+def test_gain_over_own_family_control(protocol_board: pd.DataFrame, protocol: str, method: str, control: str) -> None:
+    levels = protocol_levels()
+    treated, untreated = levels[protocol, method], levels[protocol, control]
+    row = protocol_row(protocol_board, method, protocol)
+    assert row.control == control
+    assert row.gain_mre == pytest.approx(treated.mean(axis=1).mean() - untreated.mean(axis=1).mean())
+    assert row.gain_p_value == pytest.approx(wilcoxon(treated.ravel(), untreated.ravel()).pvalue)
+    assert row.gain_n_pairs == treated.size
+
+
+def test_controls_and_baseline_have_no_gain(protocol_board: pd.DataFrame) -> None:
+    for method, protocol in [("scratch", "finetune"), ("scratch_unet", "probe"), ("mean_shape", "finetune")]:
+        row = protocol_row(protocol_board, method, protocol)
+        assert pd.isna(row.control) and np.isnan(row.gain_mre) and np.isnan(row.gain_p_value)
+    assert "mean_shape" not in set(protocol_board.loc[protocol_board.protocol == "probe", "method"])
+
+
+def test_missing_errors_keeps_gain_untested(protocol_board: pd.DataFrame, protocol_built: dict[str, Path]) -> None:
+    levels = protocol_levels()
+    row = protocol_row(protocol_board, "cdpm_align", "probe")
+    expected = levels["probe", "cdpm_align"].mean(axis=1).mean() - levels["probe", "scratch_unet"].mean(axis=1).mean()
+    assert row.gain_mre == pytest.approx(expected) and np.isnan(row.gain_p_value) and row.gain_n_pairs == 0
+    text = protocol_built["markdown"].read_text()
+    assert "cdpm_align: per-image errors missing for it or its control scratch_unet; gain not tested" in text
+    probe = markdown_table(text, "isbi2015, Test (pooled), 10 shots (mm), probe")
+    assert next(line for line in probe if line.startswith("| cdpm_align ")).split("|")[-3].strip() == \
+        f"{expected:+.2f} (untested)"
+
+
+def test_gain_shown_in_markdown_and_latex(protocol_board: pd.DataFrame, protocol_built: dict[str, Path]) -> None:
+    text = protocol_built["markdown"].read_text()
+    lines = markdown_table(text, "isbi2015, Test (pooled), 10 shots (mm), finetune")
+    assert lines[0].endswith("| ERE (mm) | ΔMRE vs control (mm) | Seeds |")
+    simclr = protocol_row(protocol_board, "simclr", "finetune")
+    p_value = "p < 0.001" if simclr.gain_p_value < 0.001 else f"p = {simclr.gain_p_value:.3f}"
+    cells = [cell.strip() for cell in next(line for line in lines if line.startswith("| simclr ")).split("|")]
+    assert cells[-3] == f"{simclr.gain_mre:+.2f} ({p_value})"
+    assert next(line for line in lines if line.startswith("| scratch ")).split("|")[-3].strip() == "control"
+    assert "ΔMRE vs control: the method's MRE minus that of its own network family's random-init control" in text
+    assert "(scratch for the encoder family, scratch_unet for the diffusion family)" in text
+    latex = protocol_built["latex"].read_text()
+    assert "$\\Delta$MRE vs control (mm) $\\downarrow$" in latex and "\\label{tab:isbi2015-test-10-probe}" in latex
+
+
+def test_missing_control_gives_empty_gain_with_note(tmp_path: Path) -> None:
+    sweep = write_protocol_sweep(tmp_path)
+    frame = pd.read_csv(sweep, dtype={"shots": str})
+    untested = (frame.method == "scratch_unet") & (frame.protocol == "probe")
+    frame[~untested].to_csv(sweep, index=False)
+    built = build_leaderboard(sweep, tmp_path / "out")
+    board = pd.read_csv(built["csv"], dtype={"shots": str})
+    for method in ("ddpm", "cdpm_align"):
+        row = protocol_row(board, method, "probe")
+        assert row.control == "scratch_unet" and np.isnan(row.gain_mre) and np.isnan(row.gain_p_value)
+        assert not np.isnan(protocol_row(board, method, "finetune").gain_mre)  # the other protocol keeps its own
+    text = built["markdown"].read_text()
+    assert "ddpm: no rows of its control scratch_unet; gain not computed" in text
+    probe = markdown_table(text, "isbi2015, Test (pooled), 10 shots (mm), probe")
+    assert next(line for line in probe if line.startswith("| ddpm ")).split("|")[-3].strip() == "–"
+    assert not np.isnan(protocol_row(board, "simclr", "probe").gain_mre)
+
+
+def test_side_by_side_holds_both_protocols(protocol_board: pd.DataFrame, protocol_built: dict[str, Path]) -> None:
+    text = protocol_built["markdown"].read_text()
+    lines = markdown_table(text, "Protocols side by side: isbi2015, Test (pooled), 10 shots (mm)")
+    assert lines[0] == ("| Method | finetune MRE (mm) | finetune ΔMRE vs control | probe MRE (mm) "
+                        "| probe ΔMRE vs control |")
+    methods = [line.split("|")[1].strip() for line in lines[2:]]
+    assert methods == ["mean_shape", "scratch", "simclr", "scratch_unet", "ddpm", "cdpm_align"]
+    ddpm = [cell.strip() for cell in lines[2 + methods.index("ddpm")].split("|")[2:-1]]
+    for protocol, (mre, gain) in zip(("finetune", "probe"), (ddpm[:2], ddpm[2:])):
+        row = protocol_row(protocol_board, "ddpm", protocol)
+        assert mre == f"{row.mre_mean:.2f} ± {row.mre_std:.2f}" and gain.startswith(f"{row.gain_mre:+.2f} (p ")
+    mean_shape = [cell.strip() for cell in lines[2].split("|")[2:-1]]
+    assert mean_shape[2:] == ["–", "–"]  # never run under the probe
+    for column, protocol in ((2, "finetune"), (4, "probe")):  # the best MRE of each protocol in bold
+        bold = [method for method, line in zip(methods, lines[2:]) if line.split("|")[column].strip().startswith("**")]
+        assert bold == protocol_board.loc[protocol_board.best_mre & (protocol_board.protocol == protocol),
+                                          "method"].tolist()
+    latex = protocol_built["latex"].read_text()
+    assert latex.count("\\begin{table}") == 3 and "\\multicolumn{2}{c}{probe}" in latex
+    side = latex.split("\\begin{table}")[1]
+    body = side.split("\\midrule", 1)[1].split("\\bottomrule", 1)[0]
+    assert {line.count("&") for line in body.splitlines() if line.endswith("\\\\")} == {4}
+
+
+def test_old_results_without_protocol_are_finetune(sweep: Path, board: pd.DataFrame, built: dict[str, Path],
+                                                  tmp_path: Path) -> None:
+    assert set(board.protocol) == {"finetune"} and "Protocols side by side" not in built["markdown"].read_text()
+    frame = pd.read_csv(sweep, dtype={"shots": str})
+    frame["protocol"] = ["finetune" if index % 2 else "" for index in range(len(frame))]  # empty cells too
+    frame.to_csv(tmp_path / "results.csv", index=False)
+    assert set(read_results(tmp_path / "results.csv").protocol) == {"finetune"}
+    rebuilt = pd.read_csv(build_leaderboard(tmp_path / "results.csv", tmp_path / "out")["csv"], dtype={"shots": str})
+    pd.testing.assert_frame_equal(rebuilt, board)
+
+
+def test_same_job_under_two_protocols_is_not_a_duplicate(protocol_sweep: Path) -> None:
+    results = read_results(protocol_sweep)
+    assert len(results) == 3 * (len(PROTOCOL_BASES["finetune"]) + len(PROTOCOL_BASES["probe"]))
+
+
+def test_protocol_figures_are_written(protocol_built: dict[str, Path]) -> None:
+    for name in ("mre_vs_shots_isbi2015", "ere_vs_shots_isbi2015", "gain_vs_control_isbi2015_10shots"):
+        assert protocol_built[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert matplotlib.image.imread(protocol_built[name]).std() > 0.01

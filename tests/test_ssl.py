@@ -1,8 +1,9 @@
-"""Self-supervised baselines (SimCLR, MoCo v3, DINO): views, learning, checkpoint hand-over."""
+"""Self-supervised baselines (SimCLR, MoCo v3, DINO): views, learning, health records, checkpoint hand-over."""
 
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import lightning.pytorch as L
@@ -13,8 +14,10 @@ from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
 
 from landmark_bench.checkpoints import CheckpointError
-from landmark_bench.methods import dino, moco, simclr
+from landmark_bench.data.datamodule import UnlabeledDataModule
+from landmark_bench.methods import dino, moco, pretraining_class, simclr
 from landmark_bench.models.encoder import create_encoder
+from landmark_bench.presets import get_preset
 
 # A small timm encoder keeps the tests fast; the methods treat every create_encoder name alike.
 TEST_ENCODER = "test_resnet"
@@ -127,6 +130,7 @@ def trained(request, tmp_path_factory) -> dict:
         "losses": losses,
         "initial_state": initial_state,
         "checkpoint_path": checkpoint_path,
+        "trainer": trainer,
     }
 
 
@@ -141,6 +145,21 @@ def test_loss_falls(trained):
     assert len(losses) == TRAIN_STEPS
     first, last = np.mean(losses[:5]), np.mean(losses[-5:])
     assert last < first - 0.2, f"{trained['method']} did not learn: first 5 steps {first:.3f}, last 5 {last:.3f}"
+
+
+def test_losses_are_logged_under_train(trained):
+    metrics = trained["trainer"].callback_metrics
+    assert "train/loss" in metrics and "train_loss" not in metrics
+    assert all(key.startswith("train/") for key in metrics), sorted(metrics)
+
+
+def test_health_record_tracks_every_step(trained):
+    model = trained["model"]
+    assert model.loss_history == pytest.approx(trained["losses"])
+    record = model.health_record(None)
+    window = math.ceil(0.1 * TRAIN_STEPS)
+    assert record["final_loss"] == pytest.approx(np.mean(trained["losses"][-window:]))
+    assert record["steps"] == TRAIN_STEPS and record["global_batch_size"] == 8
 
 
 def test_encoder_state_dict_is_the_trained_online_encoder(trained):
@@ -277,3 +296,85 @@ def test_flips_are_off_by_default_and_a_setting(make_views):
     assert all(left_is_brighter(view) for view in default_views)
     flipped_views = [view for _ in range(10) for view in make_views(hflip_prob=1.0, **settings)(image)]
     assert not any(left_is_brighter(view) for view in flipped_views)
+
+
+# Chance level of each method's loss at the tiny preset (batch B = 4): NT-Xent picks 1 of 2B - 1 views, MoCo v3's
+# two directions each pick 1 of B keys with the loss scaled by 2 * temperature, DINO's uniform student over K outputs.
+TINY = get_preset("tiny")
+TINY_CHANCE = {
+    "simclr": math.log(2 * 4 - 1),
+    "moco": 4 * TINY["pretrain"]["moco"]["temperature"] * math.log(4),
+    "dino": math.log(TINY["pretrain"]["dino"]["output_dim"]),
+}
+
+
+@pytest.mark.parametrize("method", list(METHOD_MODULES))
+def test_health_record_at_the_tiny_preset(method, tmp_path):
+    """The record ``pretrain`` writes as health.json: finite, the method's chance level, one readable line."""
+    settings = TINY["pretrain"][method]
+    L.seed_everything(0, verbose=False)
+    model = pretraining_class(method)(
+        encoder=TINY["encoder"],
+        **{key: value for key, value in settings.items() if key not in ("resolution", "batch_size", "views")},
+    )
+    datamodule = UnlabeledDataModule(["phantom"], resolution=settings["resolution"], batch_size=settings["batch_size"],
+                                     transform=METHOD_MODULES[method].views_transform(**settings["views"]))
+    cpu_trainer(settings["max_steps"], tmp_path).fit(model, datamodule=datamodule)
+    record = model.health_record(datamodule)
+    assert {"learned", "summary", "final_loss", "chance_loss"} <= record.keys()
+    assert isinstance(record["learned"], bool)
+    assert math.isfinite(record["final_loss"]) and record["final_loss"] > 0
+    assert record["chance_loss"] == pytest.approx(TINY_CHANCE[method])
+    assert record["steps"] == settings["max_steps"] and record["pretraining_images"] == len(datamodule.dataset)
+    assert f"{record['final_loss']:.2f}" in record["summary"] and f"{record['chance_loss']:.2f}" in record["summary"]
+
+
+def test_health_record_learned_is_the_final_loss_against_chance():
+    model, _ = build("dino", max_steps=10)
+    with pytest.raises(RuntimeError, match="no training step"):
+        model.health_record(None)
+    chance = math.log(METHODS["dino"][3]["output_dim"])
+    model.loss_history = [chance] * 18 + [0.7 * chance] * 2
+    assert model.health_record(None)["learned"]
+    model.loss_history = [0.5 * chance] * 18 + [0.9 * chance] * 2
+    assert not model.health_record(None)["learned"]
+    # A low loss from a teacher that gives every image the same target: DINO's collapse, not learning.
+    model.loss_history = [0.5 * chance] * 20
+    model.teacher_entropies = {"teacher_entropy": 2.0, "teacher_batch_entropy": 2.1}
+    assert not model.health_record(None)["learned"]
+    model.teacher_entropies = {"teacher_entropy": 2.0, "teacher_batch_entropy": 4.0}
+    assert model.health_record(None)["learned"]
+
+
+class StopAt(L.Callback):
+    """Ends a run after ``step`` of its steps, as a killed job would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        trainer.should_stop = trainer.global_step >= self.step
+
+
+def test_loss_history_survives_resume(tmp_path):
+    """A run resumed from its step-2 checkpoint keeps the first two losses and ends with one per step."""
+    L.seed_everything(0, verbose=False)
+    model, loader = build("simclr", max_steps=4)
+    stopped = cpu_trainer(4, tmp_path, [StopAt(2)])
+    stopped.fit(model, loader)
+    stopped.save_checkpoint(tmp_path / "last.ckpt")
+    first_two = list(model.loss_history)
+    resumed, loader = build("simclr", max_steps=4)
+    cpu_trainer(4, tmp_path).fit(resumed, loader, ckpt_path=str(tmp_path / "last.ckpt"))
+    assert len(first_two) == 2 and resumed.loss_history[:2] == first_two and len(resumed.loss_history) == 4
+
+
+def test_dino_leaves_its_uniform_plateau(trained):
+    """DINO's loss starts near ln K and must end well below it, not settle on the collapsed uniform output."""
+    if trained["method"] != "dino":
+        pytest.skip("DINO's plateau")
+    record = trained["model"].health_record(None)
+    assert record["chance_loss"] == pytest.approx(math.log(128))
+    assert record["learned"], record["summary"]
+    # Not by collapsing onto one output: the images' targets differ (the batch-mean target is the flatter one).
+    assert record["last_teacher_batch_entropy"] > record["last_teacher_entropy"] + 0.5, record

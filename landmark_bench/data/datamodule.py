@@ -19,8 +19,6 @@ from landmark_bench.data.transforms import Augment
 from landmark_bench.geometry import to_network
 from landmark_bench.heatmaps import gaussian_targets
 
-SHOTS_CHOICES = (1, 5, 10, 25, 50, "all")
-
 
 def as_size(resolution: int | Sequence[int]) -> tuple[int, int]:
     """``128`` -> (128, 128); ``[160, 128]`` -> (160, 128) as (h, w)."""
@@ -184,32 +182,96 @@ class LandmarkDataModule(L.LightningDataModule):
     def test_dataloader(self) -> list[DataLoader]:
         return [self._loader(self.datasets[split]) for split in self.test_splits]
 
-    def split_dataloader(self, split: str) -> DataLoader:
-        return self._loader(self.datasets[split])
-
 
 class UnlabeledDataset(Dataset):
-    """Cached images of several datasets with their dataset index; optional view transform (SSL)."""
+    """Cached images of several datasets with their dataset index; optional view transform (SSL) or random crop.
 
-    def __init__(self, images: np.ndarray, dataset_index: np.ndarray, transform: Callable | None = None):
+    ``crop_size`` (h, w) cuts one random window per item from the cached image, so a network pretrains on
+    patches at the pixel scale of the cache (the fine-tuning resolution) instead of whole images shrunk
+    further. Crop positions come from a generator seeded with ``seed`` (in a DataLoader worker: the worker's
+    seed, which Lightning's ``seed_everything(workers=True)`` derives from the run seed), so a run's crops are
+    reproducible.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        dataset_index: np.ndarray,
+        transform: Callable | None = None,
+        crop_size: tuple[int, int] | None = None,
+        seed: int = 0,
+    ):
         self.images = torch.from_numpy(images)
         self.dataset_index = torch.from_numpy(dataset_index).long()
         self.transform = transform
+        self.crop_size = crop_size
+        self.seed = seed
+        self._generator: torch.Generator | None = None
+        self._generator_seed: int | None = None
+        if crop_size is not None and (crop_size[0] > images.shape[1] or crop_size[1] > images.shape[2]):
+            raise ValueError(f"crop size {crop_size} is larger than the cached images {tuple(images.shape[1:])}")
 
     def __len__(self) -> int:
         return len(self.images)
 
+    def generator(self) -> torch.Generator:
+        """The crop generator of this process: seeded with ``seed`` in the main process, the worker seed in a worker."""
+        worker = torch.utils.data.get_worker_info()
+        seed = self.seed if worker is None else worker.seed
+        if self._generator is None or self._generator_seed != seed:
+            self._generator = torch.Generator().manual_seed(seed)
+            self._generator_seed = seed
+        return self._generator
+
+    def crop(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """A ``crop_size`` window of ``image`` (H, W) at a position drawn uniformly from ``generator``."""
+        height, width = self.crop_size
+        top = int(torch.randint(0, image.shape[0] - height + 1, (), generator=generator))
+        left = int(torch.randint(0, image.shape[1] - width + 1, (), generator=generator))
+        return image[top : top + height, left : left + width]
+
     def __getitem__(self, index: int) -> dict:
         item = {"dataset_index": self.dataset_index[index]}
+        image = self.images[index]
+        if self.crop_size is not None:
+            image = self.crop(image, self.generator())
         if self.transform is not None:
-            item["views"] = self.transform(Image.fromarray(self.images[index].numpy()))
+            item["views"] = self.transform(Image.fromarray(image.numpy()))
         else:
-            item["image"] = self.images[index][None].float() / 255.0
+            item["image"] = image[None].float() / 255.0
         return item
+
+    def fixed_batch(self, crops_per_image: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
+        """Every image (``crops_per_image`` crops each, at positions fixed by ``seed``, when cropping) as one
+        batch: ``"image"`` (N, 1, h, w) in [0, 1] and ``"dataset_index"`` (N,), for deterministic evaluation."""
+        generator = torch.Generator().manual_seed(seed)
+        images, indices = [], []
+        for index in range(len(self)):
+            for _ in range(crops_per_image if self.crop_size is not None else 1):
+                image = self.images[index]
+                images.append(self.crop(image, generator) if self.crop_size is not None else image)
+                indices.append(self.dataset_index[index])
+        return {"image": torch.stack(images)[:, None].float() / 255.0, "dataset_index": torch.stack(indices)}
+
+
+def held_out_mask(count: int, fraction: float) -> np.ndarray:
+    """Which of ``count`` images (in sorted-id order) form the held-out slice: ``ceil(fraction * count)`` of
+    them, at least one when ``fraction > 0``, chosen by a fixed-seed permutation so every run holds out the same."""
+    mask = np.zeros(count, dtype=bool)
+    if fraction > 0 and count:
+        held = min(count - 1, max(1, int(np.ceil(fraction * count))))
+        mask[np.random.default_rng(0).permutation(count)[:held]] = True
+    return mask
 
 
 class UnlabeledDataModule(L.LightningDataModule):
-    """Unlabelled images from the training splits (train + val, never test) of one or several datasets."""
+    """Unlabelled images from the training splits (train + val, never test) of one or several datasets.
+
+    ``crop_size``: train on random ``crop_size`` windows of images cached at ``resolution`` (see
+    ``UnlabeledDataset``); ``None`` trains on whole cached images. ``held_out_fraction``: a deterministic slice of
+    each dataset's pool (``held_out_mask``) kept out of training as ``self.held_out``, so a health check can
+    measure the pretraining objective on images pretraining never saw, without touching a test split.
+    """
 
     def __init__(
         self,
@@ -220,25 +282,39 @@ class UnlabeledDataModule(L.LightningDataModule):
         transform: Callable | None = None,
         num_workers: int = 0,
         cache_dir: str | None = None,
+        crop_size: int | Sequence[int] | None = None,
+        held_out_fraction: float = 0.0,
+        seed: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["transform"])
+        if not 0 <= held_out_fraction < 1:
+            raise ValueError(f"held_out_fraction must be in [0, 1), got {held_out_fraction}")
         self.dataset_names = list(datasets)
         self.size = as_size(resolution)
+        self.crop_size = None if crop_size is None else as_size(crop_size)
         self.transform = transform
         self.readers = [get_reader(name, data_dir) for name in self.dataset_names]
         self.dataset: UnlabeledDataset | None = None
+        self.held_out: UnlabeledDataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is not None:
             return
         cache_dir = Path(self.hparams.cache_dir) if self.hparams.cache_dir else None
-        images, indices = [], []
+        images, indices, held_images, held_indices = [], [], [], []
         for index, reader in enumerate(self.readers):
-            cached = cached_images(reader, reader.pretraining_records(), self.size, cache_dir)
-            images.append(cached)
-            indices.append(np.full(len(cached), index))
-        self.dataset = UnlabeledDataset(np.concatenate(images), np.concatenate(indices), self.transform)
+            records = sorted(reader.pretraining_records(), key=lambda record: record.image_id)
+            cached = cached_images(reader, records, self.size, cache_dir)
+            held = held_out_mask(len(cached), self.hparams.held_out_fraction)
+            images.append(cached[~held])
+            indices.append(np.full(int((~held).sum()), index))
+            held_images.append(cached[held])
+            held_indices.append(np.full(int(held.sum()), index))
+        self.dataset = UnlabeledDataset(np.concatenate(images), np.concatenate(indices), self.transform,
+                                        self.crop_size, self.hparams.seed)
+        self.held_out = UnlabeledDataset(np.concatenate(held_images), np.concatenate(held_indices), None,
+                                         self.crop_size, self.hparams.seed)
 
     def train_dataloader(self) -> DataLoader:
         workers = self.hparams.num_workers

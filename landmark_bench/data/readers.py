@@ -41,19 +41,6 @@ class Record:
     spacing: float | None  # mm per original pixel, None: report pixels
 
 
-@dataclass(frozen=True)
-class Sample:
-    """A record with its image decoded at the original resolution."""
-
-    record: Record
-    image: np.ndarray  # (H, W) uint8
-    landmark_names: list[str]
-
-    @property
-    def landmarks(self) -> np.ndarray:
-        return self.record.landmarks
-
-
 def image_size(path: Path) -> tuple[int, int]:
     """(H, W) from the file header, without decoding the pixels."""
     try:
@@ -122,7 +109,7 @@ class DatasetReader:
     landmark_names: list[str]
     splits: tuple[str, ...] = ("train", "val", "test")
     test_splits: tuple[str, ...] = ("test",)  # the splits reported (pooled last where several)
-    sdr_unit: str = "mm"
+    needs_data_dir: bool = True  # False for datasets generated in code
 
     def __init__(self, data_dir: str | Path | None):
         self.data_dir = Path(data_dir) if data_dir is not None else None
@@ -146,8 +133,12 @@ class DatasetReader:
             raise DataError(f"image file {record.path} changed size: {image.shape} vs header {record.size}")
         return image
 
-    def sample(self, record: Record) -> Sample:
-        return Sample(record, self.load_image(record), self.landmark_names)
+    def reference_readers(self) -> dict[str, tuple["DatasetReader", "DatasetReader"]]:
+        """Human reference rows of the leaderboard: name -> (ground-truth reader, reader whose points are scored).
+
+        None by default; ISBI 2015 scores its junior doctor against its senior doctor.
+        """
+        return {}
 
     def _split_records(self, split: str) -> list[Record]:
         raise NotImplementedError
@@ -171,6 +162,10 @@ class Isbi2015Reader(DatasetReader):
         self.ground_truth = ground_truth
         self.val_fraction = val_fraction
         self.root = require_dir(self.data_dir / "isbi2015", self.name, "ISBI 2015 layout")
+
+    def reference_readers(self) -> dict[str, tuple[DatasetReader, DatasetReader]]:
+        return {"inter_observer": (Isbi2015Reader(self.data_dir, "senior", self.val_fraction),
+                                   Isbi2015Reader(self.data_dir, "junior", self.val_fraction))}
 
     def _folder_ids(self, key: str) -> list[str]:
         folder = require_dir(self.root / "RawImage" / self.folders[key], self.name, "RawImage/<split>Data")
@@ -211,7 +206,6 @@ class Aasce2019Reader(DatasetReader):
     name = "aasce2019"
     num_landmarks = 68
     landmark_names = [f"vertebra{v:02d}_{corner}" for v in range(17) for corner in ("tl", "tr", "bl", "br")]
-    sdr_unit = "px"
     folders = {"trainval": "training", "test": "test"}
     # Published annotations that lie outside their image; excluded by name (and said so in the README),
     # never skipped silently.
@@ -329,7 +323,6 @@ class ChestReader(PresentImagesReader):
     num_landmarks = 6
     landmark_names = [f"chest{index}" for index in range(6)]
     image_glob = "pngs/*.png"
-    sdr_unit = "px"
 
     def __init__(self, data_dir: str | Path):
         super().__init__(data_dir)

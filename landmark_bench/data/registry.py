@@ -30,6 +30,7 @@ class PhantomReader(DatasetReader):
     """The procedural phantom: images generated from (seed, index), no data folder needed."""
 
     name = "phantom"
+    needs_data_dir = False
     landmark_names = phantom.LANDMARK_NAMES
     num_landmarks = len(phantom.LANDMARK_NAMES)
 
@@ -60,11 +61,19 @@ DATASETS: dict[str, type[DatasetReader]] = {
 }
 
 
+def register_dataset(reader: type[DatasetReader]) -> type[DatasetReader]:
+    """Make a reader known by its ``name`` to every command (usable as a class decorator)."""
+    if not getattr(reader, "name", None):
+        raise ValueError(f"dataset reader {reader.__name__} needs a 'name'")
+    DATASETS[reader.name] = reader
+    return reader
+
+
 def get_reader(name: str, data_dir: str | Path | None = None, **options) -> DatasetReader:
     """The reader for dataset ``name``; unknown names list the valid ones."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
-    if name != "phantom":
+    if DATASETS[name].needs_data_dir:
         if data_dir is None:
             raise ValueError(f"dataset {name!r} needs a data folder (--data-dir); only 'phantom' needs none")
         if not Path(data_dir).is_dir():

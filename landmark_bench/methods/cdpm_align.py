@@ -12,8 +12,10 @@ Choices the paper leaves open, each a setting (defaults in parentheses):
 - ``align_weight`` λ (0.1): the alignment loss lies in [0, 2] and the ε-loss settles around 0.01-0.1, so
   0.1 gives the alignment term a weight comparable to the diffusion loss without swamping it.
 - ``condition_dropout`` p (0.1): the rate of Ho & Salimans' experiments.
-- ``align_timestep_gap`` (None): t1, t2 independent and uniform over all training timesteps; an integer
-  draws t2 uniformly within that distance of t1 instead.
+- ``align_timestep_range`` (None = all training timesteps): the window [lo·T, hi·T] (fractions of T) that
+  t1 and t2 are drawn from, uniformly and independently; the reported setting is [T/4, 3T/4].
+- ``align_timestep_gap`` (None): t1, t2 independent; an integer draws t2 uniformly within that distance of
+  t1 instead (still inside the window).
 - ``align_scales`` (None = all four): which decoder scales enter the loss, indexed coarsest (0) to finest
   (3); the tap at each scale is the up block's hidden state before its upsampler (see ``decoder_features``).
 - The ε-loss during phase 2 is the expectation of the phase-1 loss over the dropout draw,
@@ -36,14 +38,23 @@ __all__ = ["CDPMAlignPretrain", "build_backbone", "draw_timestep_pair", "save_sa
 
 
 def draw_timestep_pair(
-    batch_size: int, num_train_timesteps: int, max_gap: int | None, device: torch.device | str = "cpu"
+    batch_size: int,
+    num_train_timesteps: int,
+    max_gap: int | None,
+    device: torch.device | str = "cpu",
+    timestep_range: tuple[float, float] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Two timesteps per sample for the alignment passes: independent uniform, or ``|t2 - t1| <= max_gap``."""
-    first = torch.randint(0, num_train_timesteps, (batch_size,), device=device)
+    """Two timesteps per sample for the alignment passes, inside ``timestep_range`` (fractions of T, both ends
+    included; None: every timestep): independent uniform, or ``|t2 - t1| <= max_gap``."""
+    lowest, highest = 0, num_train_timesteps - 1
+    if timestep_range is not None:
+        lowest, highest = round(timestep_range[0] * num_train_timesteps), round(timestep_range[1] * num_train_timesteps)
+        highest = min(highest, num_train_timesteps - 1)
+    first = torch.randint(lowest, highest + 1, (batch_size,), device=device)
     if max_gap is None:
-        return first, torch.randint(0, num_train_timesteps, (batch_size,), device=device)
-    low = (first - max_gap).clamp(min=0)
-    high = (first + max_gap).clamp(max=num_train_timesteps - 1)
+        return first, torch.randint(lowest, highest + 1, (batch_size,), device=device)
+    low = (first - max_gap).clamp(min=lowest)
+    high = (first + max_gap).clamp(max=highest)
     second = low + (torch.rand(batch_size, device=device) * (high - low + 1)).long()
     return first, second
 
@@ -61,6 +72,7 @@ class CDPMAlignPretrain(DDPMPretrain):
         align_fraction: float = 0.1,
         align_weight: float = 0.1,
         align_timestep_gap: int | None = None,
+        align_timestep_range: list[float] | None = None,
         align_scales: list[int] | None = None,
         **kwargs,
     ):
@@ -72,6 +84,8 @@ class CDPMAlignPretrain(DDPMPretrain):
             raise ValueError(f"align_fraction must be in [0, 1], got {align_fraction}")
         if align_timestep_gap is not None and align_timestep_gap < 0:
             raise ValueError(f"align_timestep_gap must be None or >= 0, got {align_timestep_gap}")
+        if align_timestep_range is not None and not 0 <= align_timestep_range[0] <= align_timestep_range[1] <= 1:
+            raise ValueError(f"align_timestep_range must be [lo, hi], 0 <= lo <= hi <= 1, got {align_timestep_range}")
         num_scales = len(self.unet.up_blocks)
         self.align_scales = list(range(num_scales)) if align_scales is None else list(align_scales)
         if not self.align_scales or not all(0 <= scale < num_scales for scale in self.align_scales):
@@ -84,6 +98,10 @@ class CDPMAlignPretrain(DDPMPretrain):
         labels = batch["dataset_index"]
         dropped = torch.rand(labels.shape, device=labels.device) < self.hparams.condition_dropout
         return torch.where(dropped, torch.full_like(labels, self.null_index), labels)
+
+    def condition_labels(self, dataset_index: Tensor) -> Tensor:
+        """Each image's own dataset condition (no dropout), for evaluation."""
+        return dataset_index
 
     def sample_conditions(self) -> list[tuple[str, int | None]]:
         datasets = [(name, index) for index, name in enumerate(self.hparams.dataset_names)]
@@ -104,7 +122,8 @@ class CDPMAlignPretrain(DDPMPretrain):
         labels = batch["dataset_index"]
         batch_size = clean.shape[0]
         first, second = draw_timestep_pair(
-            batch_size, self.hparams.num_train_timesteps, self.hparams.align_timestep_gap, clean.device
+            batch_size, self.hparams.num_train_timesteps, self.hparams.align_timestep_gap, clean.device,
+            self.hparams.align_timestep_range,
         )
         timesteps = torch.cat([first, second])
         noise = torch.randn((2 * batch_size, *clean.shape[1:]), device=clean.device, dtype=clean.dtype)
@@ -134,11 +153,13 @@ class CDPMAlignPretrain(DDPMPretrain):
         return loss
 
 
-def build_backbone(checkpoint_path: str, dataset_name: str | None, timestep: int | None = None) -> DiffusionBackbone:
+def build_backbone(
+    checkpoint_path: str, dataset_name: str | None, timestep: int | None = None, noise_input: bool = False
+) -> DiffusionBackbone:
     """The EMA UNet of a ``cdpm_align`` checkpoint as a backbone, conditioned on ``dataset_name``.
 
     The condition is the dataset's index in the saved pretraining list (hparam ``dataset_names``), or the
-    null condition ∅ when the dataset (or ``None``) was not pretrained on. ``timestep`` defaults to
-    ``DEFAULT_BACKBONE_TIMESTEP``.
+    null condition ∅ when the dataset (or ``None``) was not pretrained on. ``timestep`` defaults to the
+    checkpoint's ``backbone_timestep``; ``noise_input``: see ``DiffusionBackbone``.
     """
-    return load_backbone(checkpoint_path, CDPMAlignPretrain, dataset_name, timestep)
+    return load_backbone(checkpoint_path, CDPMAlignPretrain, dataset_name, timestep, noise_input)

@@ -12,7 +12,7 @@ from pathlib import Path
 import lightning.pytorch as L
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
 from matplotlib.figure import Figure
 from torch import Tensor
@@ -22,6 +22,21 @@ from landmark_bench.checkpoints import METHOD_KEY, CheckpointError, read_checkpo
 from landmark_bench.models.unet import DEFAULT_BACKBONE_TIMESTEP, DiffusionBackbone, build_unet, to_diffusion_range
 
 EMA_PREFIX = "ema_unet.module."
+HEALTH_TIMESTEPS = (0.05, 0.2, 0.5, 0.8)
+HEALTH_RATIO = 0.7
+"""A pretraining has ``learned`` when its held-out denoising MSE is at most this share of the untrained
+UNet's at every health timestep."""
+
+
+def make_noise_scheduler(hparams: dict) -> DDPMScheduler:
+    """The DDPM noise schedule of a module's (or a checkpoint's) hyperparameters; older checkpoints lack the
+    beta range and get diffusers' defaults, which they were trained with."""
+    return DDPMScheduler(
+        num_train_timesteps=hparams["num_train_timesteps"],
+        beta_schedule=hparams.get("beta_schedule", "linear"),
+        beta_start=hparams.get("beta_start", 1e-4),
+        beta_end=hparams.get("beta_end", 0.02),
+    )
 
 
 class DDPMPretrain(L.LightningModule):
@@ -49,8 +64,17 @@ class DDPMPretrain(L.LightningModule):
         ema_decay: float = 0.999,
         num_train_timesteps: int = 1000,
         beta_schedule: str = "linear",
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        backbone_timestep: int = DEFAULT_BACKBONE_TIMESTEP,
+        health_timesteps: tuple[float, ...] = HEALTH_TIMESTEPS,
     ):
-        """``lr_schedule``: a diffusers ``get_scheduler`` name; ``weight_decay``: as diffusers' training example."""
+        """``lr_schedule``: a diffusers ``get_scheduler`` name; ``weight_decay``: as diffusers' training example.
+
+        ``backbone_timestep``: the timestep fine-tuning runs this UNet at unless told otherwise, saved with the
+        checkpoint so a preset's pretraining and its downstream reading travel together.
+        ``health_timesteps``: fractions of ``num_train_timesteps`` at which ``health_record`` measures.
+        """
         super().__init__()
         self.save_hyperparameters()
         if not dataset_names:
@@ -58,7 +82,7 @@ class DDPMPretrain(L.LightningModule):
         self.unet = build_unet(unet, num_conditions=len(dataset_names) if self.conditional else None)
         self.ema_unet = AveragedModel(self.unet, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
         self.ema_unet.requires_grad_(False)
-        self.noise_scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule)
+        self.noise_scheduler = make_noise_scheduler(self.hparams)
 
     def on_fit_start(self) -> None:
         """The LR schedule (and cdpm_align's phases) are laid out over ``max_steps``: the Trainer must agree."""
@@ -110,11 +134,94 @@ class DDPMPretrain(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[METHOD_KEY] = self.method_name
 
+    def condition_labels(self, dataset_index: Tensor) -> Tensor | None:
+        """Class labels for evaluating images of these datasets with their own condition; none for plain DDPM."""
+        return None
+
+    @torch.no_grad()
+    def denoising_mse(
+        self, unet: UNet2DModel, batch: dict, timestep: int, seed: int = 0, batch_size: int = 64
+    ) -> float:
+        """Mean ε-prediction MSE of ``unet`` on ``batch`` noised to ``timestep`` with noise fixed by ``seed``."""
+        clean = to_diffusion_range(batch["image"]).to(self.device)
+        labels = self.condition_labels(batch["dataset_index"].to(self.device))
+        noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed)).to(self.device)
+        timesteps = torch.full((len(clean),), timestep, dtype=torch.long, device=self.device)
+        noisy = self.noise_scheduler.add_noise(clean, noise, timesteps)
+        total = 0.0
+        for start in range(0, len(clean), batch_size):
+            part = slice(start, start + batch_size)
+            prediction = unet(noisy[part], timesteps[part], None if labels is None else labels[part]).sample
+            total += F.mse_loss(prediction.float(), noise[part], reduction="sum").item()
+        return total / noise.numel()
+
+    @torch.no_grad()
+    def health_record(self, datamodule, crops_per_image: int = 4, seed: int = 0) -> dict:
+        """Did pretraining learn? The held-out denoising MSE of the EMA UNet against the same architecture
+        freshly initialised (seeded), at the fixed ``health_timesteps``, with fixed seeded noise.
+
+        The images are ``datamodule.held_out`` (a deterministic slice of each dataset's pretraining pool that
+        training never saw; never a test split), ``crops_per_image`` seeded crops each when the datamodule
+        crops; a conditional UNet is evaluated with each image's own condition.
+        """
+        datamodule.setup("fit")
+        if datamodule.held_out is None or not len(datamodule.held_out):
+            raise ValueError("health_record needs held-out images: set held_out_fraction > 0 on the datamodule")
+        batch = datamodule.held_out.fixed_batch(crops_per_image=crops_per_image, seed=seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            untrained = build_unet(
+                self.hparams.unet, num_conditions=len(self.hparams.dataset_names) if self.conditional else None
+            ).to(self.device)
+        pretrained = self.ema_unet.module
+        was_training = pretrained.training
+        pretrained.eval()
+        untrained.eval()
+        total = self.hparams.num_train_timesteps
+        timesteps = [min(total - 1, round(fraction * total)) for fraction in self.hparams.health_timesteps]
+        learned_mse = [self.denoising_mse(pretrained, batch, timestep, seed + step) for step, timestep in
+                       enumerate(timesteps)]
+        untrained_mse = [self.denoising_mse(untrained, batch, timestep, seed + step) for step, timestep in
+                         enumerate(timesteps)]
+        pretrained.train(was_training)
+        ratios = [learned / untrained for learned, untrained in zip(learned_mse, untrained_mse, strict=True)]
+        learned = all(ratio <= HEALTH_RATIO for ratio in ratios)
+
+        def figures(values: list[float]) -> str:
+            return "/".join(f"{value:.3g}" for value in values)
+
+        return {
+            "learned": learned,
+            "summary": (
+                f"{self.method_name}: held-out denoising MSE t={'/'.join(map(str, timesteps))}: "
+                f"{figures(learned_mse)} vs untrained {figures(untrained_mse)} "
+                f"({'learned' if learned else 'NOT learned'}: criterion <= {HEALTH_RATIO}x untrained at every t)"
+            ),
+            "metric": "held-out epsilon-prediction MSE (EMA UNet vs seeded fresh init, fixed seeded noise)",
+            "timesteps": timesteps,
+            "pretrained_mse": learned_mse,
+            "untrained_mse": untrained_mse,
+            "ratio": ratios,
+            "criterion_ratio": HEALTH_RATIO,
+            "held_out_images": len(datamodule.held_out),
+            "held_out_samples": len(batch["image"]),
+            "sample_shape": list(batch["image"].shape[1:]),
+            "held_out": "deterministic slice of each dataset's pretraining pool (held_out_fraction), never trained on",
+            "step": int(self.global_step),
+        }
+
 
 def load_backbone(
-    checkpoint_path: str | Path, method: type[DDPMPretrain], dataset_name: str | None, timestep: int | None
+    checkpoint_path: str | Path,
+    method: type[DDPMPretrain],
+    dataset_name: str | None,
+    timestep: int | None,
+    noise_input: bool = False,
 ) -> DiffusionBackbone:
     """The EMA UNet of a ``method`` checkpoint as a fine-tuning backbone (shared by ddpm and cdpm_align).
+
+    ``timestep`` ``None`` takes the checkpoint's ``backbone_timestep`` (``DEFAULT_BACKBONE_TIMESTEP`` for
+    checkpoints without one); ``noise_input``: see ``DiffusionBackbone``, noised with the checkpoint's schedule.
 
     The UNet is rebuilt from the saved hyperparameters and loaded strictly: a missing or extra tensor is an
     error naming the file. A conditional UNet runs with ``dataset_name``'s index in the saved pretraining
@@ -140,17 +247,21 @@ def load_backbone(
         condition_index = dataset_names.index(dataset_name) if dataset_name in dataset_names else len(dataset_names)
     return DiffusionBackbone(
         unet,
-        timestep=DEFAULT_BACKBONE_TIMESTEP if timestep is None else timestep,
+        timestep=hparams.get("backbone_timestep", DEFAULT_BACKBONE_TIMESTEP) if timestep is None else timestep,
         condition_index=condition_index,
+        noise_input=noise_input,
+        noise_scheduler=make_noise_scheduler(hparams),
     )
 
 
-def build_backbone(checkpoint_path: str, dataset_name: str | None, timestep: int | None = None) -> DiffusionBackbone:
+def build_backbone(
+    checkpoint_path: str, dataset_name: str | None, timestep: int | None = None, noise_input: bool = False
+) -> DiffusionBackbone:
     """The EMA UNet of a ``ddpm`` checkpoint as a backbone (``dataset_name`` is unused: plain DDPM has no condition).
 
-    ``timestep`` defaults to ``DEFAULT_BACKBONE_TIMESTEP``.
+    ``timestep`` defaults to the checkpoint's ``backbone_timestep``; ``noise_input``: see ``DiffusionBackbone``.
     """
-    return load_backbone(checkpoint_path, DDPMPretrain, dataset_name, timestep)
+    return load_backbone(checkpoint_path, DDPMPretrain, dataset_name, timestep, noise_input)
 
 
 @torch.no_grad()

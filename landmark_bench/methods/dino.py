@@ -8,12 +8,21 @@ are dropped after backward, as in the reference code).
 
 The output dimension defaults to 2048, not DINO's 65536: that figure is sized for ImageNet's 1.28 M
 images, and a few hundred X-rays cannot fill that many prototypes.
+
+The defaults are DINO's for a long run. A run of a few hundred steps needs other settings (the ``cpu``
+preset, see ``results/selection/ssl.md``): with momentum 0.99 or more the teacher stays the random
+network it started as, whose targets on a fresh encoder are near-uniform, so the student only learns to
+copy them and the loss sits at ``ln(output_dim)``. A low loss alone does not prove learning either: a
+teacher that gives every image the same few outputs also scores well, which is why the teacher's
+entropies are logged (``log_teacher_entropies``) and reported in the health record.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import lightning.pytorch as L
 import torch
 import torch.nn as nn
 from lightly.loss import DINOLoss
@@ -27,6 +36,9 @@ from landmark_bench.methods.momentum import MomentumPretrainer, momentum_copy, p
 from landmark_bench.methods.views import XRayViews, multi_crop_views
 
 METHOD = "dino"
+# Nats by which the batch-mean teacher target must be flatter than the per-image ones for a low loss to count as
+# learning: below it, every image gets nearly the same target (a collapse onto a few outputs).
+MIN_TARGET_SPREAD = 0.5
 
 
 class DINO(MomentumPretrainer):
@@ -84,6 +96,7 @@ class DINO(MomentumPretrainer):
         deactivate_requires_grad(self.teacher_head)
         self.teacher_encoder = momentum_copy(self.encoder)
         self.criterion = DINOLoss(output_dim=output_dim, student_temp=student_temp, center_momentum=center_momentum)
+        self.teacher_entropies: dict[str, float] = {}
 
     @property
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
@@ -108,14 +121,49 @@ class DINO(MomentumPretrainer):
         if len(views) > 2:
             student_out.append(self.projection_head(self(torch.cat(views[2:]))))
         teacher_temp = self.teacher_temperature(self.global_step)
+        self.log_teacher_entropies(teacher_out, teacher_temp)
         loss = self.criterion(
             teacher_out=list(teacher_out.chunk(2)),
             student_out=list(torch.cat(student_out).chunk(len(views))),
             teacher_temp=teacher_temp,
         )
-        self.log("train_loss", loss, prog_bar=True, sync_dist=True, batch_size=len(views[0]))
-        self.log("teacher_temp", teacher_temp)
+        self.track_loss(loss, batch_size=len(views[0]))
+        self.log("train/teacher_temp", teacher_temp)
         return loss
+
+    @torch.no_grad()
+    def log_teacher_entropies(self, teacher_out: Tensor, teacher_temp: float) -> None:
+        """DINO's two ways to fail, told apart: a loss far below ``ln K`` can also be a collapse onto one output.
+
+        ``teacher_entropy`` (per image, in nats) is low when targets are sharp; ``teacher_batch_entropy``
+        (of the batch-mean target) is low when every image gets the same target. Learning: the first low,
+        the second high; uniform collapse: both near ``ln K``; one-output collapse: both low.
+        """
+        probs = torch.softmax((teacher_out - self.criterion.center[0]) / teacher_temp, dim=-1)
+        mean_probs = probs.mean(dim=0)
+        self.teacher_entropies = {
+            "teacher_entropy": float(-(probs * probs.clamp_min(1e-12).log()).sum(dim=-1).mean()),
+            "teacher_batch_entropy": float(-(mean_probs * mean_probs.clamp_min(1e-12).log()).sum()),
+        }
+        for name, value in self.teacher_entropies.items():
+            self.log(f"train/{name}", value)
+
+    def health_details(self) -> dict[str, Any]:
+        """The last step's teacher entropies (see ``log_teacher_entropies``)."""
+        return {f"last_{name}": value for name, value in self.teacher_entropies.items()}
+
+    def health_record(self, datamodule: L.LightningDataModule) -> dict[str, Any]:
+        """A loss below chance counts only if the teacher's targets differ between images (``MIN_TARGET_SPREAD``)."""
+        record = super().health_record(datamodule)
+        if self.teacher_entropies:
+            spread = self.teacher_entropies["teacher_batch_entropy"] - self.teacher_entropies["teacher_entropy"]
+            record.update(target_spread=spread, learned=record["learned"] and spread >= MIN_TARGET_SPREAD)
+            record["summary"] += f"; teacher targets spread {spread:.2f} nats between images"
+        return record
+
+    def chance_loss(self) -> tuple[float, str]:
+        """Cross-entropy against a uniform student over the K outputs, DINO's collapsed plateau."""
+        return math.log(self.hparams.output_dim), f"ln({self.hparams.output_dim})"
 
     def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
         # After backward, before the step: the only place where dropping the gradients freezes the layer.

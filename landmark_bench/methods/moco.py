@@ -13,6 +13,7 @@ used: it adds query-query negatives and key anchors, which is SimCLR's loss, not
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -102,8 +103,13 @@ class MoCoV3(MomentumPretrainer):
         loss = mocov3_contrastive_loss(first_query, second_key, self.temperature) + mocov3_contrastive_loss(
             second_query, first_key, self.temperature
         )
-        self.log("train_loss", loss, prog_bar=True, sync_dist=True, batch_size=len(first_view))
+        self.track_loss(loss, batch_size=len(first_view))
         return loss
+
+    def chance_loss(self) -> tuple[float, str]:
+        """Two directions, each ``2 * temperature * ln(B)``: cross-entropy over the B keys, scaled as in MoCo v3."""
+        batch, temperature = self.global_batch_size, self.temperature
+        return 4 * temperature * math.log(batch), f"4 * {temperature:g} * ln({batch})"
 
 
 def views_transform(**kwargs: Any) -> XRayViews:

@@ -2,15 +2,18 @@
 
 ``EncoderPretrainer`` holds what SimCLR, MoCo v3 and DINO have in common: the suite's encoder
 stored as ``self.encoder`` (so checkpoint keys are ``encoder.*`` and load straight into the
-detector), its pooled representation, AdamW with linear warmup and cosine decay, and the method tag
-written into every checkpoint. ``MomentumPretrainer`` adds, as in solo-learn, the exponential moving
-average of ``momentum_pairs`` after every optimiser step with a cosine momentum schedule (lightly's
-``cosine_schedule``/``update_momentum``).
+detector), its pooled representation, AdamW with linear warmup and cosine decay, the method tag
+written into every checkpoint, and the health record: every step's loss is kept (and carried through
+checkpoints, so a resumed run still has them) so that the run can show its final loss against the
+loss of a model that has learned nothing (``chance_loss``). ``MomentumPretrainer`` adds, as in
+solo-learn, the exponential moving average of ``momentum_pairs`` after every optimiser step with a
+cosine momentum schedule (lightly's ``cosine_schedule``/``update_momentum``).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
@@ -25,6 +28,11 @@ from landmark_bench.checkpoints import METHOD_KEY, read_checkpoint, strip_prefix
 from landmark_bench.models.encoder import create_encoder
 
 ENCODER_PREFIX = "encoder."
+LOSS_HISTORY_KEY = "landmark_bench_loss_history"
+# The health record's final loss is the mean over this share of the last steps, and the run has learned when
+# that is at most LEARNED_RATIO times the chance loss.
+FINAL_FRACTION = 0.1
+LEARNED_RATIO = 0.8
 
 
 def pooled_representation(encoder: nn.Module, images: Tensor) -> Tensor:
@@ -48,8 +56,8 @@ def read_encoder_state(checkpoint_path: str, method: str) -> dict[str, Tensor]:
     return strip_prefix(checkpoint["state_dict"], ENCODER_PREFIX, checkpoint_path)
 
 
-class EncoderPretrainer(L.LightningModule):
-    """Encoder, representation, optimiser and checkpoint tag shared by the encoder-based methods."""
+class EncoderPretrainer(L.LightningModule, ABC):
+    """Encoder, representation, optimiser, checkpoint tag and health record shared by the encoder-based methods."""
 
     method: ClassVar[str]
 
@@ -63,6 +71,8 @@ class EncoderPretrainer(L.LightningModule):
         self.lr = lr
         self.weight_decay = weight_decay
         self.warmup_steps = warmup_steps
+        self.loss_history: list[float] = []  # every step's loss, averaged over ranks
+        self.global_batch_size = 0  # images per step over all ranks: sets the chance level of contrastive losses
 
     def on_fit_start(self) -> None:
         """Every schedule (learning rate, momentum, teacher temperature) is laid out over ``max_steps``."""
@@ -91,8 +101,56 @@ class EncoderPretrainer(L.LightningModule):
         scheduler = CosineWarmupScheduler(optimizer, warmup_epochs=self.warmup_steps, max_epochs=self.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def track_loss(self, loss: Tensor, batch_size: int) -> None:
+        """Log ``train/loss`` and keep it for ``health_record``; ``batch_size`` is this rank's."""
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch_size)
+        self.loss_history.append(float(self.trainer.strategy.reduce(loss.detach(), reduce_op="mean")))
+        self.global_batch_size = batch_size * self.trainer.world_size
+
+    @abstractmethod
+    def chance_loss(self) -> tuple[float, str]:
+        """The loss of a model whose outputs cannot tell the candidates apart, and its formula."""
+
+    def health_record(self, datamodule: L.LightningDataModule) -> dict[str, Any]:
+        """Whether the pretraining learned: its final loss (mean of the last steps) against ``chance_loss``."""
+        losses = self.loss_history
+        if not losses:
+            raise RuntimeError(f"{self.method}: no training step recorded, so there is no health record to give")
+        chance, formula = self.chance_loss()
+        window = max(1, math.ceil(FINAL_FRACTION * len(losses)))
+        final = sum(losses[-window:]) / window
+        learned = math.isfinite(final) and final <= LEARNED_RATIO * chance
+        dataset = getattr(datamodule, "dataset", None)
+        return {
+            "method": self.method,
+            "learned": learned,
+            "summary": f"final loss {final:.2f} vs chance {formula} = {chance:.2f} ({final / chance:.0%} of chance)",
+            "final_loss": final,
+            "chance_loss": chance,
+            "chance_formula": formula,
+            "learned_if_final_below": LEARNED_RATIO * chance,
+            "final_window_steps": window,
+            "first_loss": losses[0],
+            "min_loss": min(losses),
+            "steps": len(losses),
+            "global_batch_size": self.global_batch_size,
+            "pretraining_images": len(dataset) if dataset is not None else None,
+            **self.health_details(),
+        }
+
+    def health_details(self) -> dict[str, Any]:
+        """Method-specific figures for the health record (e.g. DINO's collapse check); none by default."""
+        return {}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[METHOD_KEY] = self.method
+        checkpoint[LOSS_HISTORY_KEY] = {"losses": list(self.loss_history), "global_batch_size": self.global_batch_size}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A resumed run goes on from the checkpoint's step: keep the losses up to there.
+        history = checkpoint.get(LOSS_HISTORY_KEY, {})
+        self.loss_history = list(history.get("losses", []))
+        self.global_batch_size = history.get("global_batch_size", 0)
 
 
 class MomentumPretrainer(EncoderPretrainer, ABC):
@@ -124,5 +182,5 @@ class MomentumPretrainer(EncoderPretrainer, ABC):
             momentum = self.momentum_at(self.global_step - 1)
             for online, target in self.momentum_pairs:
                 update_momentum(online, target, m=momentum)
-            self.log("momentum", momentum)
+            self.log("train/momentum", momentum)
         self._last_momentum_step = self.global_step

@@ -6,6 +6,7 @@ the two views, negatives from the whole batch (gathered across devices under DDP
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -51,8 +52,13 @@ class SimCLR(EncoderPretrainer):
         projections = self.projection_head(self(torch.cat(views)))
         first, second = projections.chunk(len(views))
         loss = self.criterion(first, second)
-        self.log("train_loss", loss, prog_bar=True, sync_dist=True, batch_size=len(first))
+        self.track_loss(loss, batch_size=len(first))
         return loss
+
+    def chance_loss(self) -> tuple[float, str]:
+        """NT-Xent's candidates for each of the 2B views: its positive and the 2B - 2 other views."""
+        candidates = 2 * self.global_batch_size - 1
+        return math.log(candidates), f"ln({candidates})"
 
 
 def views_transform(**kwargs: Any) -> XRayViews:

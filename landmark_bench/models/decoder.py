@@ -46,10 +46,15 @@ class EncoderBackbone(nn.Module):
             channels = out
         self.blocks = nn.ModuleList(blocks)
         self.out_channels = channels
+        self.pyramid_channels: list[int] = skips
+
+    def pyramid(self, image: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder's feature maps, deepest first: what pretraining taught (the decoder is new)."""
+        return self.encoder((image - GREY_MEAN) / GREY_STD)[::-1]
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) image in [0, 1] -> (B, out_channels, H, W) features."""
-        features = self.encoder((image - GREY_MEAN) / GREY_STD)[::-1]
+        features = self.pyramid(image)
         x = features[0]
         for block, skip in zip(self.blocks, [*features[1:], None]):
             size = skip.shape[-2:] if skip is not None else image.shape[-2:]

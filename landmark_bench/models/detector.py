@@ -7,6 +7,7 @@ import math
 import lightning.pytorch as L
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from landmark_bench.geometry import to_original
 from landmark_bench.heatmaps import (
@@ -18,6 +19,31 @@ from landmark_bench.heatmaps import (
 from landmark_bench.metrics import expected_radial_error
 
 LOSSES = ("softmax_ce", "pixel_ce")
+PROTOCOLS = ("finetune", "probe")
+
+
+class ProbeHead(nn.Module):
+    """A light head over a frozen feature pyramid: what the probe protocol trains.
+
+    Each level is standardised (BatchNorm, so random and pretrained features of any scale start alike),
+    projected by a 1x1 convolution, upsampled to the input size and summed; one ReLU and a 3x3 convolution
+    give the heatmap logits. It is the same head for every network family, so a pretrained probe and its
+    random-init control differ only by the frozen weights.
+    """
+
+    def __init__(self, in_channels: list[int], out_channels: int, hidden: int = 64):
+        super().__init__()
+        self.levels = nn.ModuleList(
+            nn.Sequential(nn.BatchNorm2d(channels), nn.Conv2d(channels, hidden, 1)) for channels in in_channels
+        )
+        self.out = nn.Conv2d(hidden, out_channels, 3, padding=1)
+
+    def forward(self, pyramid: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        fused = sum(
+            F.interpolate(level(features), size=size, mode="bilinear", align_corners=False)
+            for level, features in zip(self.levels, pyramid, strict=True)
+        )
+        return self.out(F.relu(fused))
 
 
 def warmup_cosine(step: int, warmup_steps: int, max_steps: int) -> float:
@@ -34,17 +60,19 @@ class LandmarkDetector(L.LightningModule):
     ``softmax_ce`` (default): each landmark's heatmap is a distribution over pixels, trained by
     cross-entropy against a Gaussian target. ``pixel_ce``: Di Via et al.'s per-pixel cross-entropy
     across landmark channels plus background against disc targets.
+
+    ``protocol="finetune"`` trains the whole network. ``protocol="probe"`` freezes the backbone (no gradient,
+    always in eval mode, so not even BatchNorm statistics move) and trains only a :class:`ProbeHead` on the
+    backbone's feature pyramid: it measures what pretraining taught rather than what a few images can
+    re-teach. The frozen features of the training and validation images are computed once and cached (the
+    probe trains without augmentation, so they never change).
     """
 
     def __init__(
         self,
         *,
+        backbone: nn.Module,
         num_landmarks: int,
-        method: str = "scratch",
-        encoder: str = "efficientnet_lite0",
-        pretrained: str | None = None,
-        dataset: str | None = None,
-        diffusion_timestep: int | None = None,
         loss: str = "softmax_ce",
         disc_radius: float = 3.0,
         refine_window: int = 2,
@@ -52,36 +80,72 @@ class LandmarkDetector(L.LightningModule):
         weight_decay: float = 1e-4,
         max_steps: int = 500,
         warmup_steps: int = 50,
-        decoder_channels: tuple[int, ...] = (64, 32, 24, 16, 16),
         channels_last: bool | None = None,
+        protocol: str = "finetune",
+        probe_channels: int = 64,
     ):
+        """``backbone``: (B, 1, H, W) images in [0, 1] to full-resolution features (``out_channels``), with a
+        ``pyramid`` of multi-scale features (``pyramid_channels``) for the probe; built by the method registry."""
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["backbone"])
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; valid losses: {', '.join(LOSSES)}")
-        from landmark_bench.methods import build_backbone  # the registry imports this module
-
-        self.backbone = build_backbone(method, encoder=encoder, pretrained=pretrained, dataset=dataset,
-                                       diffusion_timestep=diffusion_timestep, decoder_channels=decoder_channels)
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {protocol!r}; valid protocols: {', '.join(PROTOCOLS)}")
+        self.backbone = backbone
         channels = num_landmarks + (1 if loss == "pixel_ce" else 0)
-        self.head = nn.Conv2d(self.backbone.out_channels, channels, 3, padding=1)
+        self._feature_cache: dict[tuple[str, int], list[torch.Tensor]] = {}
+        if protocol == "probe":
+            self.backbone.requires_grad_(False)
+            self.backbone.eval()
+            self.head = ProbeHead(self.backbone.pyramid_channels, channels, probe_channels)
+        else:
+            self.head = nn.Conv2d(self.backbone.out_channels, channels, 3, padding=1)
         if channels_last is None:  # the backbone's measured preference (benchmarks/RESULTS.md)
             self.hparams.channels_last = channels_last = self.backbone.channels_last
         if channels_last:
             self.to(memory_format=torch.channels_last)
 
-    def _logits(self, image: torch.Tensor) -> torch.Tensor:
+    @property
+    def probing(self) -> bool:
+        return self.hparams.protocol == "probe"
+
+    def train(self, mode: bool = True) -> "LandmarkDetector":
+        """A probed backbone stays in eval mode whatever the Trainer asks."""
+        super().train(mode)
+        if self.probing:
+            self.backbone.eval()
+        return self
+
+    @torch.no_grad()
+    def _frozen_pyramid(self, image: torch.Tensor, split: str | None, index: torch.Tensor | None) -> list[torch.Tensor]:
+        """The frozen backbone's feature pyramid, from the cache for images of ``split`` already seen."""
+        if split is None or index is None:
+            return self.backbone.pyramid(image)
+        keys = [(split, int(i)) for i in index]
+        missing = [row for row, key in enumerate(keys) if key not in self._feature_cache]
+        if missing:
+            computed = self.backbone.pyramid(image[missing])
+            for position, row in enumerate(missing):
+                self._feature_cache[keys[row]] = [level[position] for level in computed]
+        return [torch.stack(levels) for levels in zip(*(self._feature_cache[key] for key in keys))]
+
+    def _logits(self, image: torch.Tensor, split: str | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
         if self.hparams.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
+        if self.probing:
+            return self.head(self._frozen_pyramid(image, split, index), image.shape[-2:])
         return self.head(self.backbone(image))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) image in [0, 1] -> (B, L, H, W) landmark heatmap logits."""
-        logits = self._logits(image)
+        return self._heatmaps(self._logits(image))
+
+    def _heatmaps(self, logits: torch.Tensor) -> torch.Tensor:
         return logits[:, 1:] if self.hparams.loss == "pixel_ce" else logits
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        logits = self._logits(batch["image"])
+        logits = self._logits(batch["image"], "train", batch.get("index"))
         if self.hparams.loss == "pixel_ce":
             target = disc_targets(batch["landmarks"], logits.shape[-2:], self.hparams.disc_radius)
             loss = pixel_cross_entropy(logits, target)
@@ -92,22 +156,23 @@ class LandmarkDetector(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
         return loss
 
-    def infer(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Predictions in original pixels, their ERE, and the heatmap logits."""
-        logits = self(batch["image"])
+    def infer(self, batch: dict, split: str | None = None) -> dict[str, torch.Tensor]:
+        """Predictions in original pixels, their ERE, and the heatmap logits (``split``: cache key of a probe)."""
+        logits = self._heatmaps(self._logits(batch["image"], split, batch.get("index")))
         points = decode_heatmaps(logits.float(), self.hparams.refine_window)
         pred = to_original(points, batch["orig_size"], logits.shape[-2:])
         ere = expected_radial_error(logits.float(), pred, batch["orig_size"], batch["spacing"])
         return {"pred": pred, "ere": ere, "logits": logits}
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
-        return self.infer(batch)
+        return self.infer(batch, "val")
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         return self.infer(batch)
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        trained = [parameter for parameter in self.parameters() if parameter.requires_grad]
+        optimizer = torch.optim.AdamW(trained, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, self.hparams.warmup_steps, self.hparams.max_steps)
         )

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from diffusers import UNet2DModel
+from diffusers import DDPMScheduler, UNet2DModel
 from torch import Tensor
 
 DEFAULT_BACKBONE_TIMESTEP = 0
-"""Timestep at which the fine-tuning backbone runs the UNet, on the clean image (no noise added).
+"""Timestep at which the fine-tuning backbone runs the UNet, by default on the clean image (see ``noise_input``).
 
 Di Via et al. (WACV 2025) fine-tune their DDPM UNet end to end as a pixel-wise classifier on clean images,
 calling it with no time embedding at all; diffusers' UNet always adds one, and ``t = 0`` (the least-noise
@@ -88,17 +88,29 @@ def decoder_features(
 class DiffusionBackbone(nn.Module):
     """A pretrained UNet run end to end as a dense feature extractor for the landmark detector.
 
-    The image is mapped to the diffusion range [-1, 1] and, without added noise, passed through the UNet at
-    a fixed ``timestep`` with a fixed condition; the output is the UNet's last feature map (after its final
-    norm and activation) with ``conv_out`` removed, at full input resolution, so the detector adds its own
-    output layer for the landmark heatmaps.
+    The image is mapped to the diffusion range [-1, 1] and passed through the UNet at a fixed ``timestep``
+    with a fixed condition; the output is the UNet's last feature map (after its final norm and activation)
+    with ``conv_out`` removed, at full input resolution, so the detector adds its own output layer for the
+    landmark heatmaps.
+
+    ``noise_input`` decides what the timestep means downstream. ``False`` (default): the clean image goes in
+    and the timestep only sets the time embedding (Di Via et al. fine-tune on clean images). ``True``: the
+    image is first noised to ``timestep`` with ``noise_scheduler`` (as the reported CDPM-Align features at
+    t = 200 are read from a noised input), with noise drawn from a generator seeded by ``noise_seed`` at every
+    call, so the same image gives the same features and evaluation stays deterministic.
     """
 
     channels_last = False
     """On CPU this UNet steps slower on NHWC: 0.72 vs 0.91 steps/s on 2 cores (benchmarks/RESULTS.md)."""
 
     def __init__(
-        self, unet: UNet2DModel, timestep: int = DEFAULT_BACKBONE_TIMESTEP, condition_index: int | None = None
+        self,
+        unet: UNet2DModel,
+        timestep: int = DEFAULT_BACKBONE_TIMESTEP,
+        condition_index: int | None = None,
+        noise_input: bool = False,
+        noise_scheduler: DDPMScheduler | None = None,
+        noise_seed: int = 0,
     ):
         super().__init__()
         if (condition_index is None) != (unet.class_embedding is None):
@@ -110,15 +122,21 @@ class DiffusionBackbone(nn.Module):
             raise ValueError(
                 f"condition index {condition_index} outside the UNet's {unet.class_embedding.num_embeddings} conditions"
             )
+        if noise_input and noise_scheduler is None:
+            raise ValueError("noise_input=True needs the noise_scheduler the UNet was pretrained with")
         self.out_channels: int = unet.config.block_out_channels[0]
+        self.pyramid_channels: list[int] = list(reversed(unet.config.block_out_channels))  # decoder taps, coarsest first
         self.timestep = timestep
         self.condition_index = condition_index
+        self.noise_input = noise_input
+        self.noise_scheduler = noise_scheduler
+        self.noise_seed = noise_seed
         self.size_multiple = 2 ** (len(unet.config.block_out_channels) - 1)
         unet.conv_out = nn.Identity()
         self.unet = unet
 
-    def forward(self, image: Tensor) -> Tensor:
-        """(B, 1, H, W) image in [0, 1] to (B, out_channels, H, W) features; H and W divisible by ``size_multiple``."""
+    def prepare(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The UNet's (sample, timesteps, class labels) for a (B, 1, H, W) image in [0, 1]."""
         height, width = image.shape[-2:]
         if height % self.size_multiple or width % self.size_multiple:
             raise ValueError(
@@ -129,4 +147,17 @@ class DiffusionBackbone(nn.Module):
         class_labels = None
         if self.condition_index is not None:
             class_labels = torch.full((batch_size,), self.condition_index, dtype=torch.long, device=image.device)
-        return self.unet(to_diffusion_range(image), timesteps, class_labels).sample
+        sample = to_diffusion_range(image)
+        if self.noise_input:
+            generator = torch.Generator().manual_seed(self.noise_seed)
+            noise = torch.randn(sample.shape, generator=generator).to(device=sample.device, dtype=sample.dtype)
+            sample = self.noise_scheduler.add_noise(sample, noise, timesteps)
+        return sample, timesteps, class_labels
+
+    def forward(self, image: Tensor) -> Tensor:
+        """(B, 1, H, W) image in [0, 1] to (B, out_channels, H, W) features; H and W divisible by ``size_multiple``."""
+        return self.unet(*self.prepare(image)).sample
+
+    def pyramid(self, image: Tensor) -> list[Tensor]:
+        """The four decoder taps of ``decoder_features`` (coarsest first) for the input ``forward`` would see."""
+        return decoder_features(self.unet, *self.prepare(image))[1]

@@ -1,0 +1,87 @@
+"""The probe protocol (frozen backbone, light head) and the random-init controls of each network family."""
+
+from __future__ import annotations
+
+import lightning.pytorch as L
+import pytest
+import torch
+
+from landmark_bench.cli import main
+from landmark_bench.data.datamodule import LandmarkDataModule
+from landmark_bench.methods import CONTROLS, FINETUNE_METHODS, build_backbone, control_of, family_of
+from landmark_bench.models.detector import LandmarkDetector
+from landmark_bench.presets import get_preset
+from landmark_bench.pretrain import pretrain
+from landmark_bench.sweep import plan
+
+
+@pytest.fixture(scope="module")
+def tiny_ddpm(tmp_path_factory: pytest.TempPathFactory) -> str:
+    out = tmp_path_factory.mktemp("ddpm")
+    return pretrain(method="ddpm", datasets=["phantom"], preset="tiny", out=out)["checkpoint"]
+
+
+def _datamodule(settings: dict, augment: bool) -> LandmarkDataModule:
+    cfg = settings["finetune"]
+    datamodule = LandmarkDataModule(dataset="phantom", shots=5, seed=0, resolution=cfg["resolution"],
+                                    batch_size=cfg["batch_size"], sigma=cfg["sigma"], augment=augment,
+                                    samples_per_epoch=4 * cfg["batch_size"])
+    datamodule.setup()
+    return datamodule
+
+
+@pytest.mark.parametrize("method", ["scratch", "scratch_unet"])
+def test_probe_trains_the_head_and_leaves_every_backbone_tensor_unchanged(method):
+    settings = get_preset("tiny")
+    datamodule = _datamodule(settings, augment=False)
+    model = LandmarkDetector(backbone=build_backbone(method, unet=settings["unet"]), protocol="probe",
+                             num_landmarks=datamodule.reader.num_landmarks, max_steps=8, warmup_steps=1, lr=1e-2)
+    backbone_before = {name: tensor.clone() for name, tensor in model.backbone.state_dict().items()}
+    head_before = {name: tensor.clone() for name, tensor in model.head.state_dict().items()}
+    assert any("running_mean" in name for name in backbone_before) or method == "scratch_unet"
+    trainer = L.Trainer(max_steps=8, max_epochs=-1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0)
+    trainer.fit(model, datamodule=datamodule)
+    for name, tensor in model.backbone.state_dict().items():
+        assert torch.equal(tensor, backbone_before[name]), name
+    assert not any(torch.equal(tensor, head_before[name]) for name, tensor in model.head.state_dict().items()
+                   if tensor.is_floating_point() and name.endswith("weight"))
+    # the frozen features of the few-shot images were computed once: one cache entry per training image
+    assert len(model._feature_cache) == len(datamodule.datasets["train"].records)
+
+
+def test_control_unet_has_exactly_the_pretrained_parameters(tiny_ddpm):
+    settings = get_preset("tiny")
+    shapes = {}
+    for method, pretrained in (("scratch_unet", None), ("ddpm", tiny_ddpm)):
+        model = LandmarkDetector(backbone=build_backbone(method, pretrained=pretrained, unet=settings["unet"]),
+                                 num_landmarks=5)
+        shapes[method] = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    assert shapes["scratch_unet"] == shapes["ddpm"]
+
+
+def test_every_learned_method_has_its_family_control():
+    for method in FINETUNE_METHODS:
+        family = family_of(method)
+        if family is None:
+            assert control_of(method) is None
+        elif method in CONTROLS.values():
+            assert control_of(method) is None
+        else:
+            assert control_of(method) == CONTROLS[family] and family_of(control_of(method)) == family
+
+
+def test_sweep_plans_a_probe_for_every_backbone_but_none_for_the_mean_shape(tmp_path):
+    methods = ["mean_shape", "scratch", "scratch_unet"]
+    _, jobs = plan(tmp_path, methods, ["phantom"], [5], [0], "tiny", protocols=["finetune", "probe"])
+    planned = {(job.method, job.protocol) for job in jobs}
+    assert planned == {("mean_shape", "finetune"), ("scratch", "finetune"), ("scratch_unet", "finetune"),
+                       ("scratch", "probe"), ("scratch_unet", "probe")}
+    assert len({job.out for job in jobs}) == len(jobs)
+
+
+def test_probe_of_the_mean_shape_is_refused(tmp_path, capsys):
+    assert main(["finetune", "--method", "mean_shape", "--protocol", "probe", "--preset", "tiny",
+                 "--out", str(tmp_path / "run")]) == 2
+    assert "has no backbone to probe" in capsys.readouterr().err
