@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from benchmarks.common import markdown_table, report
 from landmark_bench.data.datamodule import LandmarkDataModule, UnlabeledDataModule
-from landmark_bench.methods import DIFFUSION_METHODS, PRETRAINING, build_backbone, method_module, pretraining_class
+from landmark_bench.methods import build_backbone, family_of, get_method, method_names
 from landmark_bench.methods.ddpm import DDPMPretrain
 from landmark_bench.methods.momentum import MomentumPretrainer
 from landmark_bench.models.detector import LandmarkDetector
@@ -55,7 +55,7 @@ def build(method: str, preset: str, data_dir: str, dataset: str, channels_last: 
                                         batch_size=cfg["batch_size"], sigma=cfg["sigma"],
                                         samples_per_epoch=cfg["batch_size"] * 10_000)
         pretrained = None
-        if FINETUNE[method] in DIFFUSION_METHODS:
+        if family_of(FINETUNE[method]) == "diffusion":
             pretrained = unet_checkpoint(preset, data_dir, Path(tempfile.mkdtemp()))
         backbone = build_backbone(FINETUNE[method], encoder=settings["encoder"], pretrained=pretrained,
                                   dataset=dataset, unet=settings["unet"])
@@ -66,15 +66,15 @@ def build(method: str, preset: str, data_dir: str, dataset: str, channels_last: 
     cfg = settings["pretrain"][method]
     kwargs = {key: value for key, value in cfg.items() if key not in RUN_KEYS}
     datasets = ["isbi2015", "aasce2019", "hand", "chest"]
-    if method in DIFFUSION_METHODS:
+    if family_of(method) == "diffusion":
         kwargs.update(unet=settings["unet"], dataset_names=datasets)
         transform = None
     else:
         kwargs.update(encoder=settings["encoder"])
-        transform = method_module(method).views_transform(**cfg.get("views", {}))
-    model = pretraining_class(method)(**kwargs)
+        transform = get_method(method).views_transform(**cfg.get("views", {}))
+    model = get_method(method)(**kwargs)
     datamodule = UnlabeledDataModule(datasets, data_dir, resolution=cfg["resolution"], batch_size=cfg["batch_size"],
-                                     transform=transform)
+                                     transform=transform, crop_size=cfg.get("crop_size"))
     return model, datamodule
 
 
@@ -163,7 +163,7 @@ def main() -> None:
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--data-dir", default="../shared/data")
     parser.add_argument("--dataset", default="isbi2015")
-    parser.add_argument("--methods", nargs="+", default=[*FINETUNE, *PRETRAINING])
+    parser.add_argument("--methods", nargs="+", default=[*FINETUNE, *method_names(pretrains=True)])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--one", help=argparse.SUPPRESS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -211,7 +212,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def import_plugins() -> None:
+    """Import the modules named in ``LANDMARK_BENCH_PLUGINS`` (comma-separated), so that the methods and datasets
+    they register exist in this process and in every job process a sweep starts (they inherit the variable)."""
+    import importlib
+
+    for name in filter(None, (part.strip() for part in os.environ.get("LANDMARK_BENCH_PLUGINS", "").split(","))):
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            raise SystemExit(f"landmark-bench: LANDMARK_BENCH_PLUGINS names {name!r}, which cannot be imported: {error}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    import_plugins()
     args = build_parser().parse_args(argv)
     try:
         args.run(args)

@@ -11,9 +11,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from landmark_bench.data.datamodule import LandmarkDataModule, parse_shots
 from landmark_bench.evaluation import LandmarkEvaluation
-from landmark_bench.methods import FINETUNE_METHODS, PROTOCOLS, build_backbone, check_method, family_of
+from landmark_bench.methods import PROTOCOLS, build_backbone, family_of, get_method, method_names, preset_settings
 from landmark_bench.models.detector import LandmarkDetector, MeanShapeReference
-from landmark_bench.presets import get_preset
 from landmark_bench.runs import code_version, config_hash, record_json, run_lifecycle, share_cores
 from landmark_bench.tracking import finish, run_loggers
 
@@ -50,16 +49,16 @@ def finetune(
     ``metrics.json``, ``predictions.csv``, ``errors.csv``, ``heatmaps.png`` and the best checkpoint.
     Returns the run record (config, subset ids, metrics, wall times).
     """
-    check_method(method, FINETUNE_METHODS)
+    family = get_method(method).family
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; valid protocols: {', '.join(PROTOCOLS)}")
-    if protocol == "probe" and family_of(method) is None:
+    if protocol == "probe" and family is None:
         raise ValueError(f"method {method!r} has no backbone to probe; the probe protocol takes "
-                         f"{', '.join(m for m in FINETUNE_METHODS if family_of(m))}")
+                         f"{', '.join(m for m in method_names() if family_of(m))}")
     shots = parse_shots(shots)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed must be an integer, not {seed!r}")
-    settings = get_preset(preset, overrides)
+    settings = preset_settings(preset, overrides)
     cfg = settings["finetune"]
     if protocol == "probe":
         cfg["augment"] = False
@@ -92,7 +91,7 @@ def finetune(
                                 precision=cfg["precision"], deterministic=cfg["deterministic"],
                                 enable_progress_bar=cfg["progress_bar"])
             train_started = time.perf_counter()
-            if method == "mean_shape":
+            if family is None:  # the reference row: the few-shot subset's mean shape
                 model = MeanShapeReference.from_training_set(datamodule.datasets["train"].landmarks_net,
                                                              datamodule.size)
                 trainer = L.Trainer(callbacks=[evaluation], **trainer_args)
@@ -100,7 +99,7 @@ def finetune(
                 record["train_seconds"] = 0.0
             else:
                 backbone = build_backbone(method, encoder=settings["encoder"], pretrained=pretrained, dataset=dataset,
-                                          diffusion_timestep=cfg["diffusion_timestep"], unet=settings["unet"],
+                                          timestep=cfg["diffusion_timestep"], unet=settings["unet"],
                                           diffusion_schedule=settings["pretrain"]["ddpm"],
                                           noise_input=cfg["diffusion_noise_input"])
                 model = LandmarkDetector(

@@ -144,6 +144,14 @@ SSL_PRETRAIN: dict[str, dict[str, dict]] = {
     },
 }
 
+# A new encoder SSL method with no pretraining entry of its own runs with these (its ``default_settings``);
+# ``landmark-bench ... --set pretrain.<name>.<key>=...`` changes them like any other setting.
+SSL_DEFAULTS: dict[str, dict] = {
+    preset: {key: methods["simclr"][key] for key in ("resolution", "batch_size", "max_steps", "warmup_steps", "lr",
+                                                     "weight_decay", "views") if key in methods["simclr"]}
+    for preset, methods in SSL_PRETRAIN.items()
+}
+
 PRESETS: dict[str, dict] = {
     "tiny": {
         "encoder": "efficientnet_lite0",
@@ -168,17 +176,21 @@ PRESETS: dict[str, dict] = {
 # Cost model of the sweep's dry run (seconds; per optimiser step where it says so). ``startup``: a job's process
 # start and imports; ``evaluation``: a fine-tune's wall time outside its training loop (test evaluation, files).
 # ``cpu``: measured in the ISBI 10-shot sweep of benchmarks/RESULTS.md (`make benchmark SHOTS=10`: one thread per
-# job, two jobs on a 2-core CPU); the other presets are guesses until measured.
+# job, two jobs on a 2-core CPU); the other presets are guesses until measured. ``pretrain_step_by_family``: the
+# cost of a pretraining method the model does not name (a user's own), its family's costliest.
 ESTIMATE: dict[str, dict] = {
     "tiny": {"startup": 5.0, "evaluation": {"encoder": 2.0, "diffusion": 2.0},
              "finetune_step": {"encoder": 0.1, "diffusion": 0.1}, "probe_step": {"encoder": 0.05, "diffusion": 0.05},
-             "pretrain_step": {"ddpm": 0.1, "cdpm_align": 0.15, "simclr": 0.1, "moco": 0.1, "dino": 0.2}},
+             "pretrain_step": {"ddpm": 0.1, "cdpm_align": 0.15, "simclr": 0.1, "moco": 0.1, "dino": 0.2},
+             "pretrain_step_by_family": {"encoder": 0.2, "diffusion": 0.15}},
     "cpu": {"startup": 12.0, "evaluation": {"encoder": 8.0, "diffusion": 24.0},
             "finetune_step": {"encoder": 0.62, "diffusion": 2.11}, "probe_step": {"encoder": 0.1, "diffusion": 0.15},
-            "pretrain_step": {"ddpm": 0.7, "cdpm_align": 0.9, "simclr": 1.02, "moco": 1.2, "dino": 2.32}},
+            "pretrain_step": {"ddpm": 0.7, "cdpm_align": 0.9, "simclr": 1.02, "moco": 1.2, "dino": 2.32},
+            "pretrain_step_by_family": {"encoder": 2.32, "diffusion": 0.9}},
     "paper": {"startup": 30.0, "evaluation": {"encoder": 30.0, "diffusion": 60.0},
               "finetune_step": {"encoder": 0.05, "diffusion": 0.1}, "probe_step": {"encoder": 0.01, "diffusion": 0.01},
-              "pretrain_step": {"ddpm": 0.1, "cdpm_align": 0.12, "simclr": 0.1, "moco": 0.1, "dino": 0.15}},
+              "pretrain_step": {"ddpm": 0.1, "cdpm_align": 0.12, "simclr": 0.1, "moco": 0.1, "dino": 0.15},
+              "pretrain_step_by_family": {"encoder": 0.15, "diffusion": 0.12}},
 }
 
 
@@ -254,11 +266,14 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return flatten(loaded)
 
 
-def get_preset(name: str, overrides: dict[str, Any] | None = None) -> dict:
-    """A deep copy of preset ``name`` with its cost model and the dotted ``overrides`` applied.
+def get_preset(name: str, overrides: dict[str, Any] | None = None, pretrain_defaults: dict | None = None) -> dict:
+    """A deep copy of preset ``name`` with its cost model, a ``pretrain_defaults`` entry for each pretraining method
+    the preset does not name (a method added by a user), and the dotted ``overrides`` applied.
 
     Unknown names list the valid presets; unknown override keys list the valid settings.
     """
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
-    return apply_overrides(copy.deepcopy({**PRESETS[name], "estimate": ESTIMATE[name]}), overrides or {})
+    settings = copy.deepcopy({**PRESETS[name], "estimate": ESTIMATE[name]})
+    settings["pretrain"] = {**copy.deepcopy(pretrain_defaults or {}), **settings["pretrain"]}
+    return apply_overrides(settings, overrides or {})

@@ -13,8 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from landmark_bench.checkpoints import read_checkpoint
 from landmark_bench.data.datamodule import UnlabeledDataModule
 from landmark_bench.io import atomic_write
-from landmark_bench.methods import DIFFUSION_METHODS, PRETRAINING, check_method, method_module, pretraining_class
-from landmark_bench.presets import get_preset
+from landmark_bench.methods import get_method, method_names, preset_settings
 from landmark_bench.runs import code_version, config_hash, record_json, run_lifecycle, share_cores
 from landmark_bench.tracking import finish, run_loggers
 
@@ -44,13 +43,17 @@ def pretrain(
     A run killed mid-way resumes from ``out/checkpoints/last.ckpt`` when started again with the same
     arguments; a finished run is not repeated.
     """
-    check_method(method, PRETRAINING)
-    settings = get_preset(preset, overrides)
+    method_class = get_method(method)
+    if not method_class.pretrains:
+        raise ValueError(f"method {method!r} has no pretraining; methods that pretrain: "
+                         f"{', '.join(method_names(pretrains=True))}")
+    diffusion = method_class.family == "diffusion"
+    settings = preset_settings(preset, overrides)
     cfg = settings["pretrain"][method]
     out = Path(out or Path("runs") / f"pretrain-{method}-{preset}")
     final = out / CHECKPOINT_NAME
     config = {"method": method, "datasets": list(datasets), "preset": preset, "seed": seed, "pretrain": cfg,
-              "encoder": settings["encoder"], "unet": settings["unet"] if method in DIFFUSION_METHODS else None,
+              "encoder": settings["encoder"], "unet": settings["unet"] if diffusion else None,
               "overrides": overrides or {}}
     record = {**config, "config_hash": config_hash(config), "code_version": code_version(), "checkpoint": str(final)}
     if final.is_file():
@@ -61,14 +64,13 @@ def pretrain(
         L.seed_everything(seed, workers=True, verbose=False)
         share_cores(accelerator, devices)
         module_kwargs = {key: value for key, value in cfg.items() if key not in RUN_KEYS}
-        module = method_module(method)
-        if method in DIFFUSION_METHODS:
+        if diffusion:
             module_kwargs.update(unet=settings["unet"], dataset_names=list(datasets))
             transform = None
         else:
             module_kwargs.update(encoder=settings["encoder"])
-            transform = module.views_transform(**cfg.get("views", {}))
-        model = pretraining_class(method)(**module_kwargs)
+            transform = method_class.views_transform(**cfg.get("views", {}))
+        model = method_class(**module_kwargs)
         datamodule = UnlabeledDataModule(datasets, data_dir, resolution=cfg["resolution"], batch_size=cfg["batch_size"],
                                          transform=transform, num_workers=cfg.get("num_workers", 0),
                                          crop_size=cfg.get("crop_size"),
@@ -89,8 +91,8 @@ def pretrain(
             temp = out / f".{CHECKPOINT_NAME}.partial"
             trainer.save_checkpoint(temp, weights_only=True)
             if trainer.is_global_zero:
-                if hasattr(module, "save_sample_grid"):
-                    module.save_sample_grid(model, out / "samples.png")
+                if hasattr(model, "save_sample_grid"):  # diffusion: what the EMA UNet generates
+                    model.save_sample_grid(out / "samples.png")
                 if hasattr(model, "health_record"):  # did pretraining learn? (loss against chance, held-out loss)
                     record["health"] = model.health_record(datamodule)
                     record_json(out / "health.json", record["health"])

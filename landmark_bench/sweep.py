@@ -24,8 +24,7 @@ import pandas as pd
 from landmark_bench.data.datamodule import parse_shots
 from landmark_bench.finetune import finetune, run_dir_name
 from landmark_bench.io import write_csv, write_json
-from landmark_bench.methods import FINETUNE_METHODS, PRETRAINING, PROTOCOLS, check_method, family_of
-from landmark_bench.presets import get_preset
+from landmark_bench.methods import PROTOCOLS, family_of, get_method, preset_settings
 from landmark_bench.pretrain import CHECKPOINT_NAME, DEFAULT_PRETRAINING_DATASETS, pretrain
 from landmark_bench.runs import USER_ERRORS, threads_per_process
 
@@ -79,15 +78,15 @@ def plan(
     """Every pretraining once (shared by all fine-tunes and probes of its method), then every fine-tune and
     probe (reference rows such as ``mean_shape`` have no backbone, so no probe)."""
     overrides = overrides or {}
-    get_preset(preset, overrides)
+    preset_settings(preset, overrides)
     for method in methods:
-        check_method(method, FINETUNE_METHODS)
+        get_method(method)
     for protocol in protocols:
         if protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {protocol!r}; valid protocols: {', '.join(PROTOCOLS)}")
     corpus = tuple(pretrain_datasets or (DEFAULT_PRETRAINING_DATASETS if "phantom" not in datasets else datasets))
     pretraining = {method: PretrainJob(method, corpus, preset, str(out / "pretrain" / method), overrides)
-                   for method in methods if method in PRETRAINING}
+                   for method in methods if get_method(method).pretrains}
     finetunes = [
         FinetuneJob(method, dataset, parse_shots(shot), seed, preset,
                     str(out / "runs" / run_dir_name(method, dataset, parse_shots(shot), seed, protocol)),
@@ -99,17 +98,18 @@ def plan(
 
 
 def estimate_seconds(job: PretrainJob | FinetuneJob) -> float:
-    """The preset's own per-step estimate times the steps, plus a fixed start-up and evaluation cost."""
-    settings = get_preset(job.preset, job.overrides)
+    """The preset's own per-step estimate times the steps, plus a fixed start-up and evaluation cost; a method the
+    cost model does not name costs as much as its family's costliest."""
+    settings = preset_settings(job.preset, job.overrides)
+    estimate, family = settings["estimate"], family_of(job.method)
     if isinstance(job, PretrainJob):
         steps = settings["pretrain"][job.method]["max_steps"]
-        return settings["estimate"]["startup"] + steps * settings["estimate"]["pretrain_step"][job.method]
-    if job.method == "mean_shape":
-        return settings["estimate"]["startup"]
-    family = family_of(job.method) or "encoder"
-    step = settings["estimate"][f"{job.protocol}_step"][family]
-    return (settings["estimate"]["startup"] + settings["estimate"]["evaluation"][family]
-            + settings["finetune"]["max_steps"] * step)
+        step = estimate["pretrain_step"].get(job.method, estimate["pretrain_step_by_family"][family])
+        return estimate["startup"] + steps * step
+    if family is None:
+        return estimate["startup"]
+    step = estimate[f"{job.protocol}_step"][family]
+    return estimate["startup"] + estimate["evaluation"][family] + settings["finetune"]["max_steps"] * step
 
 
 def by_priority(pretraining: list[PretrainJob], finetunes: list[FinetuneJob]) -> list:
@@ -157,8 +157,9 @@ def describe(pretraining: list[PretrainJob], finetunes: list[FinetuneJob], slots
         lines.append(f"  [{state:>7}] {what:<55} ~{cost / 60:5.1f} min")
     done = sum(job.state() == "done" for job in [*pretraining, *finetunes])
     wall = estimated_wall_seconds(by_priority(pretraining, finetunes), needs_of(pretraining), slots)
-    lines.append(f"{len(pretraining)} pretrainings, {len(finetunes)} fine-tunes, {done} done; estimated remaining "
-                 f"job time {total / 60:.1f} min, about {wall / 60:.1f} min of wall time on {slots} slot(s)")
+    lines.append(f"{len(pretraining)} pretrainings, {len(finetunes)} fine-tunes and probes, {done} done; "
+                 f"estimated remaining job time {total / 60:.1f} min, about {wall / 60:.1f} min of wall time on "
+                 f"{slots} slot(s)")
     return "\n".join(lines)
 
 

@@ -16,14 +16,13 @@ from torch.utils.data import DataLoader
 
 from landmark_bench.checkpoints import METHOD_KEY, CheckpointError
 from landmark_bench.losses import guidance_alignment_loss
-from landmark_bench.methods import cdpm_align, ddpm
+from landmark_bench.methods import BackboneSpec, cdpm_align
 from landmark_bench.methods.cdpm_align import CDPMAlignPretrain, draw_timestep_pair
 from landmark_bench.methods.ddpm import EMA_PREFIX, DDPMPretrain, save_sample_grid
 from landmark_bench.models.unet import (
     DiffusionBackbone,
     build_unet,
     decoder_features,
-    null_condition_index,
     to_diffusion_range,
 )
 from landmark_bench.data.datamodule import UnlabeledDataModule
@@ -31,6 +30,14 @@ from landmark_bench.pretrain import RUN_KEYS, pretrain
 from landmark_bench.presets import FINETUNE, PRESETS, UNET
 
 TINY_UNET = UNET["tiny"]
+
+
+def cdpm_backbone(path, dataset: str | None, **spec) -> DiffusionBackbone:
+    return CDPMAlignPretrain.backbone(BackboneSpec(dataset=dataset, **spec), str(path))
+
+
+def ddpm_backbone(path, dataset: str | None, **spec) -> DiffusionBackbone:
+    return DDPMPretrain.backbone(BackboneSpec(dataset=dataset, **spec), str(path))
 SIZE = TINY_UNET["sample_size"]
 DATASETS = ["isbi2015", "hand"]
 
@@ -106,7 +113,7 @@ def test_null_condition_is_the_class_free_unet():
     """f(x, t, ∅) is exactly the UNet without class embedding, holding the same other weights."""
     torch.manual_seed(0)
     conditional = build_unet(TINY_UNET, num_conditions=3)
-    assert null_condition_index(conditional) == 3
+    assert conditional.class_embedding.num_embeddings == 4 and conditional.class_embedding.padding_idx == 3
     assert torch.count_nonzero(conditional.class_embedding.weight[3]) == 0
     plain = build_unet(TINY_UNET)
     weights = {name: value for name, value in conditional.state_dict().items() if "class_embedding" not in name}
@@ -230,35 +237,35 @@ def test_checkpoint_round_trip_gives_exactly_the_ema_unet(cdpm_run):
     weights = checkpoint["state_dict"]
     ema = {name[len(EMA_PREFIX):]: value for name, value in weights.items() if name.startswith(EMA_PREFIX)}
     online = {name[len("unet."):]: value for name, value in weights.items() if name.startswith("unet.")}
-    backbone = cdpm_align.build_backbone(str(path), "hand")
+    backbone = cdpm_backbone(str(path), "hand")
     loaded = backbone.unet.state_dict()
     assert set(loaded) == {name for name in ema if not name.startswith("conv_out.")}
     assert all(torch.equal(loaded[name], ema[name]) for name in loaded)
     assert any(not torch.equal(ema[name], online[name]) for name in loaded)  # the EMA, not the online weights
     assert backbone.condition_index == 1
-    assert cdpm_align.build_backbone(str(path), "chest").condition_index == len(DATASETS)  # not pretrained on: ∅
+    assert cdpm_backbone(str(path), "chest").condition_index == len(DATASETS)  # not pretrained on: ∅
 
 
 def test_backbone_gives_full_resolution_features_for_its_condition(cdpm_run):
     _, _, path = cdpm_run
     image = torch.rand(2, 1, 32, 24)
-    hand = cdpm_align.build_backbone(str(path), "hand", timestep=5)
+    hand = cdpm_backbone(str(path), "hand", timestep=5)
     features = hand(image)
     assert hand.out_channels == TINY_UNET["block_out_channels"][0] and hand.timestep == 5
     assert features.shape == (2, hand.out_channels, 32, 24)
-    assert not torch.allclose(features, cdpm_align.build_backbone(str(path), "isbi2015", timestep=5)(image))
+    assert not torch.allclose(features, cdpm_backbone(str(path), "isbi2015", timestep=5)(image))
     with pytest.raises(ValueError, match="multiple of 8"):
         hand(torch.rand(1, 1, 30, 24))
 
 
 def test_ddpm_round_trip_and_cross_method_rejection(ddpm_checkpoint):
     module, path = ddpm_checkpoint
-    backbone = ddpm.build_backbone(str(path), "isbi2015")
+    backbone = ddpm_backbone(str(path), "isbi2015")
     assert isinstance(backbone, DiffusionBackbone) and backbone.condition_index is None
     ema = module.ema_unet.module.state_dict()
     assert all(torch.equal(value, ema[name]) for name, value in backbone.unet.state_dict().items())
     with pytest.raises(CheckpointError, match="written by method 'ddpm', not 'cdpm_align'"):
-        cdpm_align.build_backbone(str(path), "isbi2015")
+        cdpm_backbone(str(path), "isbi2015")
 
 
 def test_mismatched_unet_config_fails_loudly(ddpm_checkpoint, tmp_path):
@@ -268,7 +275,7 @@ def test_mismatched_unet_config_fails_loudly(ddpm_checkpoint, tmp_path):
     tampered = tmp_path / "tampered.ckpt"
     torch.save(checkpoint, tampered)
     with pytest.raises(CheckpointError, match="do not fit"):
-        ddpm.build_backbone(str(tampered), None)
+        ddpm_backbone(str(tampered), None)
 
 
 def test_sample_grid_has_a_row_per_condition(cdpm_run, ddpm_checkpoint, tmp_path):
@@ -456,8 +463,8 @@ def test_alignment_step_pairs_the_four_passes_as_the_paper_defines(monkeypatch):
 def test_backbone_noise_input_is_deterministic_and_pyramid_matches_forward(cdpm_run):
     _, _, path = cdpm_run
     image = torch.rand(2, 1, 32, 24)
-    clean = cdpm_align.build_backbone(str(path), "hand", timestep=200)
-    noised = cdpm_align.build_backbone(str(path), "hand", timestep=200, noise_input=True)
+    clean = cdpm_backbone(str(path), "hand", timestep=200)
+    noised = cdpm_backbone(str(path), "hand", timestep=200, noise_input=True)
     assert not clean.noise_input and noised.noise_input
     with torch.no_grad():
         torch.testing.assert_close(noised(image), noised(image))  # fixed seeded noise: deterministic
@@ -469,4 +476,4 @@ def test_backbone_noise_input_is_deterministic_and_pyramid_matches_forward(cdpm_
         ]
         unet = noised.unet
         torch.testing.assert_close(unet.conv_act(unet.conv_norm_out(pyramid[-1])), noised(image))
-    assert cdpm_align.build_backbone(str(path), "hand").timestep == 0  # the checkpoint's backbone_timestep
+    assert cdpm_backbone(str(path), "hand").timestep == 0  # the checkpoint's backbone_timestep

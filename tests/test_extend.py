@@ -10,11 +10,62 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+import json
+import math
+
+import torch
+import torch.nn.functional as F
+
 from landmark_bench.cli import main
 from landmark_bench.data.readers import DatasetReader, Record, check_landmarks, image_size
 from landmark_bench.data.registry import register_dataset
 from landmark_bench.finetune import finetune
+from landmark_bench.methods import EncoderPretrainer, register
 from landmark_bench.pretrain import pretrain
+
+
+@register
+class RotationPrediction(EncoderPretrainer):
+    """A user's toy self-supervised method on the encoder: tell which of four right-angle turns a view was given."""
+
+    name = "toy_rotation"
+
+    def __init__(self, *, max_steps: int, encoder: str = "efficientnet_lite0", lr: float = 1e-3,
+                 weight_decay: float = 0.0, warmup_steps: int = 0):
+        super().__init__(encoder=encoder, max_steps=max_steps, lr=lr, weight_decay=weight_decay,
+                         warmup_steps=warmup_steps)
+        self.save_hyperparameters()
+        self.classifier = torch.nn.Linear(self.feature_dim, 4)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        images = batch["views"][0]
+        turns = torch.arange(len(images), device=images.device) % 4
+        turned = torch.stack([torch.rot90(image, int(turn), dims=(1, 2)) for image, turn in zip(images, turns)])
+        loss = F.cross_entropy(self.classifier(self(turned)), turns)
+        self.track_loss(loss, batch_size=len(images))
+        return loss
+
+    def chance_loss(self) -> tuple[float, str]:
+        return math.log(4), "ln(4)"
+
+
+def test_a_new_method_runs_through_every_command(tiny_runs, tmp_path):
+    record = pretrain(method="toy_rotation", datasets=["phantom"], preset="tiny", out=tmp_path / "pretrain",
+                      overrides={"pretrain.toy_rotation.max_steps": 6})
+    health = json.loads((tmp_path / "pretrain" / "health.json").read_text())
+    assert health["chance_loss"] == pytest.approx(math.log(4)) and math.isfinite(health["final_loss"])
+    tuned = finetune(method="toy_rotation", dataset="phantom", shots=10, seed=0, preset="tiny",
+                     pretrained=record["checkpoint"], out=tmp_path / "finetune")
+    assert tuned["metrics"]["test"]["mre"] * 1.5 < tiny_runs["mean_shape"]["metrics"]["test"]["mre"]
+    sweep = ["sweep", "--methods", "mean_shape", "scratch", "toy_rotation", "--protocols", "finetune", "probe",
+             "--datasets", "phantom", "--shots", "5", "--seeds", "0", "--preset", "tiny",
+             "--out", str(tmp_path / "sweep"), "--set", "pretrain.toy_rotation.max_steps=3"]
+    assert main([*sweep, "--dry-run"]) == 0
+    assert main(sweep) == 0
+    assert main(["leaderboard", str(tmp_path / "sweep")]) == 0
+    board = pd.read_csv(tmp_path / "sweep" / "leaderboard" / "leaderboard.csv")
+    rows = board[(board.method == "toy_rotation") & (board.split == "test")]
+    assert set(rows.protocol) == {"finetune", "probe"} and set(rows.control) == {"scratch"}
 
 
 @register_dataset
@@ -78,3 +129,17 @@ def test_a_new_dataset_runs_through_every_command(dots_dir, tmp_path, capsys):
     assert main(["leaderboard", str(tmp_path / "sweep")]) == 0
     board = (tmp_path / "sweep" / "leaderboard" / "leaderboard.md").read_text()
     assert "dots, Test, 5 shots (mm)" in board and "scratch" in board
+
+
+def test_plugins_named_in_the_environment_are_registered_for_the_commands(tmp_path, monkeypatch, capsys):
+    plugin = tmp_path / "my_plugin.py"
+    plugin.write_text("from landmark_bench.methods import EncoderInitialisation, register\n\n"
+                      "@register\nclass MyWeights(EncoderInitialisation):\n    name = 'my_weights'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("LANDMARK_BENCH_PLUGINS", "my_plugin")
+    assert main(["sweep", "--methods", "scratch", "my_weights", "--preset", "tiny", "--shots", "5", "--seeds", "0",
+                 "--out", str(tmp_path / "sweep"), "--dry-run"]) == 0
+    assert "finetune my_weights phantom 5-shot seed 0" in capsys.readouterr().out
+    monkeypatch.setenv("LANDMARK_BENCH_PLUGINS", "no_such_plugin")
+    with pytest.raises(SystemExit, match="no_such_plugin"):
+        main(["--version"])

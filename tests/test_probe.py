@@ -8,7 +8,7 @@ import torch
 
 from landmark_bench.cli import main
 from landmark_bench.data.datamodule import LandmarkDataModule
-from landmark_bench.methods import CONTROLS, FINETUNE_METHODS, build_backbone, control_of, family_of
+from landmark_bench.methods import CONTROLS, build_backbone, control_of, family_of, method_names
 from landmark_bench.models.detector import LandmarkDetector
 from landmark_bench.presets import get_preset
 from landmark_bench.pretrain import pretrain
@@ -62,7 +62,7 @@ def test_control_unet_has_exactly_the_pretrained_parameters(tiny_ddpm):
 
 
 def test_every_learned_method_has_its_family_control():
-    for method in FINETUNE_METHODS:
+    for method in method_names():
         family = family_of(method)
         if family is None:
             assert control_of(method) is None

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from landmark_bench.finetune import finetune
-from landmark_bench.methods import FINETUNE_METHODS, PRETRAINING, build_backbone, family_of, method_module
+from landmark_bench.methods import build_backbone, family_of, get_method, method_names
 from landmark_bench.methods.ddpm import EMA_PREFIX
 from landmark_bench.checkpoints import read_checkpoint, strip_prefix
 from landmark_bench.models.detector import LandmarkDetector
 from landmark_bench.pretrain import pretrain
 
-LEARNED_METHODS = [method for method in FINETUNE_METHODS if family_of(method) is not None]
+LEARNED_METHODS = [method for method in method_names() if family_of(method) is not None]
 # Every learned method, whatever its pretraining, must land at least this many times closer than the mean shape
 # (the tiny UNet detector, 60 steps at 80x64, is the weakest: about 1.8x).
 BEATS_MEAN_SHAPE_BY = 1.5
@@ -24,7 +24,7 @@ BEATS_MEAN_SHAPE_BY = 1.5
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     out = tmp_path_factory.mktemp("pretrain")
     return {method: pretrain(method=method, datasets=["phantom"], preset="tiny", out=out / method)["checkpoint"]
-            for method in PRETRAINING}
+            for method in method_names(pretrains=True)}
 
 
 @pytest.mark.slow
@@ -36,12 +36,12 @@ def test_every_method_pretrained_then_fine_tuned_beats_the_mean_shape(method, ch
     assert learned * BEATS_MEAN_SHAPE_BY < reference, (method, learned, reference)
 
 
-@pytest.mark.parametrize("method", list(PRETRAINING))
+@pytest.mark.parametrize("method", method_names(pretrains=True))
 def test_detector_starts_from_exactly_the_checkpoint_tensors(method, checkpoints):
     path = checkpoints[method]
     detector = LandmarkDetector(num_landmarks=5, backbone=build_backbone(method, pretrained=path, dataset="phantom"))
     if family_of(method) == "encoder":
-        expected = method_module(method).encoder_state_dict(path)
+        expected = get_method(method).encoder_state_dict(path)
         found = detector.backbone.encoder.state_dict()
     else:  # the EMA UNet, less the output convolution the detector replaces with its own head
         expected = {name: tensor for name, tensor in
@@ -55,7 +55,7 @@ def test_detector_starts_from_exactly_the_checkpoint_tensors(method, checkpoints
 
 def test_pixel_cross_entropy_loss_trains(tiny_runs, tmp_path):
     record = finetune(method="scratch", dataset="phantom", shots=10, seed=0, preset="tiny", out=tmp_path,
-                      overrides={"finetune.loss": "pixel_ce"})
+                      overrides={"finetune.loss": "pixel_ce", "finetune.max_steps": 300})
     reference = tiny_runs["mean_shape"]["metrics"]["test"]["mre"]
     assert record["metrics"]["test"]["mre"] * BEATS_MEAN_SHAPE_BY < reference
 

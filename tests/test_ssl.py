@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from landmark_bench.checkpoints import CheckpointError
 from landmark_bench.data.datamodule import UnlabeledDataModule
-from landmark_bench.methods import dino, moco, pretraining_class, simclr
+from landmark_bench.methods import dino, get_method, moco, simclr
 from landmark_bench.models.encoder import create_encoder
 from landmark_bench.presets import get_preset
 
@@ -78,11 +78,11 @@ class LossRecorder(L.Callback):
 # images, centering flattens them, and the loss only starts falling after far more steps; and a fixed teacher
 # temperature, because its warm-up raises the targets' entropy and with it the loss.
 METHODS = {
-    "simclr": (simclr.SimCLR, simclr.views_transform, TWO_VIEW_SETTINGS,
+    "simclr": (simclr.SimCLR, simclr.SimCLR.views_transform, TWO_VIEW_SETTINGS,
                dict(projection_hidden_dim=128, projection_dim=64, temperature=0.2, lr=3e-3)),
-    "moco": (moco.MoCoV3, moco.views_transform, TWO_VIEW_SETTINGS,
+    "moco": (moco.MoCoV3, moco.MoCoV3.views_transform, TWO_VIEW_SETTINGS,
              dict(projection_hidden_dim=128, prediction_hidden_dim=128, projection_dim=64, base_momentum=0.9, lr=3e-3)),
-    "dino": (dino.DINO, dino.views_transform, MULTI_CROP_SETTINGS,
+    "dino": (dino.DINO, dino.DINO.views_transform, MULTI_CROP_SETTINGS,
              dict(head_hidden_dim=128, bottleneck_dim=64, output_dim=128, head_batch_norm=True,
                   warmup_teacher_temp=0.04, teacher_temp=0.04, base_momentum=0.9, lr=3e-3)),
 }
@@ -113,7 +113,7 @@ def train(method: str, tmp_path: Path, steps: int = TRAIN_STEPS, **overrides):
     return model, trainer, recorder.losses, initial_state
 
 
-METHOD_MODULES = {"simclr": simclr, "moco": moco, "dino": dino}
+METHOD_MODULES = {"simclr": simclr.SimCLR, "moco": moco.MoCoV3, "dino": dino.DINO}
 MOMENTUM_ENCODERS = {"moco": "momentum_encoder", "dino": "teacher_encoder"}
 
 
@@ -262,13 +262,13 @@ def test_two_views_are_one_channel_at_the_requested_size(method):
 
 
 def test_dino_views_are_two_global_then_local_crops():
-    views = dino.views_transform(global_size=32, local_size=16, n_local=3)(phantom(0))
+    views = dino.DINO.views_transform(global_size=32, local_size=16, n_local=3)(phantom(0))
     assert [tuple(view.shape) for view in views] == [(1, 32, 32)] * 2 + [(1, 16, 16)] * 3
 
 
 def test_views_refuse_colour_images():
     with pytest.raises(ValueError, match="one-channel"):
-        simclr.views_transform()(phantom(0).convert("RGB"))
+        simclr.SimCLR.views_transform()(phantom(0).convert("RGB"))
 
 
 def half_bright(size: int = IMAGE_SIZE) -> Image.Image:
@@ -278,10 +278,10 @@ def half_bright(size: int = IMAGE_SIZE) -> Image.Image:
     return Image.fromarray(pixels, mode="L")
 
 
-@pytest.mark.parametrize("make_views", [simclr.views_transform, moco.views_transform, dino.views_transform])
+@pytest.mark.parametrize("make_views", [simclr.SimCLR.views_transform, moco.MoCoV3.views_transform, dino.DINO.views_transform])
 def test_flips_are_off_by_default_and_a_setting(make_views):
     # Whole-image crops, no rotation or jitter: only a flip could move the bright half.
-    if make_views is dino.views_transform:
+    if make_views == dino.DINO.views_transform:
         settings = {"global_scale": (1.0, 1.0), "n_local": 0}
     else:
         settings = {"scale": (1.0, 1.0)}
@@ -313,7 +313,7 @@ def test_health_record_at_the_tiny_preset(method, tmp_path):
     """The record ``pretrain`` writes as health.json: finite, the method's chance level, one readable line."""
     settings = TINY["pretrain"][method]
     L.seed_everything(0, verbose=False)
-    model = pretraining_class(method)(
+    model = get_method(method)(
         encoder=TINY["encoder"],
         **{key: value for key, value in settings.items() if key not in ("resolution", "batch_size", "views")},
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,6 +33,11 @@ def cache_folder(reader: DatasetReader, size: tuple[int, int], cache_dir: Path |
     return (cache_dir or default_cache_dir()) / f"{reader.name}-{digest}" / f"{size[0]}x{size[1]}-v{CACHE_VERSION}"
 
 
+# np.load parses each header with ast.literal_eval, which CPython 3.11 cannot run in two threads at once
+# ("SystemError: AST constructor recursion depth mismatch"): loads take turns, decoding stays parallel.
+NPY_HEADER_LOCK = threading.Lock()
+
+
 def cached_images(
     reader: DatasetReader, records: list[Record], size: tuple[int, int], cache_dir: Path | None = None, threads: int = 2
 ) -> np.ndarray:
@@ -42,7 +48,8 @@ def cached_images(
         path = folder / f"{record.image_id}.npy"
         if path.is_file():
             try:
-                cached = np.load(path, allow_pickle=False)
+                with NPY_HEADER_LOCK:
+                    cached = np.load(path, allow_pickle=False)
                 if cached.shape == size and cached.dtype == np.uint8:
                     return cached
             except (OSError, ValueError):

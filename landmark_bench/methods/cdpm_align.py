@@ -30,11 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from landmark_bench.losses import guidance_alignment_loss
-from landmark_bench.methods.ddpm import DDPMPretrain, load_backbone, save_sample_grid
-from landmark_bench.models.unet import DiffusionBackbone, decoder_features, to_diffusion_range
-
-
-__all__ = ["CDPMAlignPretrain", "build_backbone", "draw_timestep_pair", "save_sample_grid"]
+from landmark_bench.methods.base import register
+from landmark_bench.methods.ddpm import DDPMPretrain
+from landmark_bench.models.unet import decoder_features, to_diffusion_range
 
 
 def draw_timestep_pair(
@@ -59,10 +57,11 @@ def draw_timestep_pair(
     return first, second
 
 
+@register
 class CDPMAlignPretrain(DDPMPretrain):
     """Dataset-conditional DDPM with classifier-free-guidance dropout and a final guidance-alignment phase."""
 
-    method_name = "cdpm_align"
+    name = "cdpm_align"
     conditional = True
 
     def __init__(
@@ -152,14 +151,3 @@ class CDPMAlignPretrain(DDPMPretrain):
         self.log("train/loss", loss)
         return loss
 
-
-def build_backbone(
-    checkpoint_path: str, dataset_name: str | None, timestep: int | None = None, noise_input: bool = False
-) -> DiffusionBackbone:
-    """The EMA UNet of a ``cdpm_align`` checkpoint as a backbone, conditioned on ``dataset_name``.
-
-    The condition is the dataset's index in the saved pretraining list (hparam ``dataset_names``), or the
-    null condition ∅ when the dataset (or ``None``) was not pretrained on. ``timestep`` defaults to the
-    checkpoint's ``backbone_timestep``; ``noise_input``: see ``DiffusionBackbone``.
-    """
-    return load_backbone(checkpoint_path, CDPMAlignPretrain, dataset_name, timestep, noise_input)

@@ -7,19 +7,29 @@ the smoother starting point).
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
+from typing import Any, ClassVar
 
 import lightning.pytorch as L
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers import DDIMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
 from matplotlib.figure import Figure
 from torch import Tensor
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from landmark_bench.checkpoints import METHOD_KEY, CheckpointError, read_checkpoint, strip_prefix
-from landmark_bench.models.unet import DEFAULT_BACKBONE_TIMESTEP, DiffusionBackbone, build_unet, to_diffusion_range
+from landmark_bench.methods.base import BackboneSpec, register
+from landmark_bench.presets import DIFFUSION_PRETRAIN
+from landmark_bench.models.unet import (
+    DEFAULT_BACKBONE_TIMESTEP,
+    DiffusionBackbone,
+    build_unet,
+    make_noise_scheduler,
+    to_diffusion_range,
+)
 
 EMA_PREFIX = "ema_unet.module."
 HEALTH_TIMESTEPS = (0.05, 0.2, 0.5, 0.8)
@@ -28,28 +38,34 @@ HEALTH_RATIO = 0.7
 UNet's at every health timestep."""
 
 
-def make_noise_scheduler(hparams: dict) -> DDPMScheduler:
-    """The DDPM noise schedule of a module's (or a checkpoint's) hyperparameters; older checkpoints lack the
-    beta range and get diffusers' defaults, which they were trained with."""
-    return DDPMScheduler(
-        num_train_timesteps=hparams["num_train_timesteps"],
-        beta_schedule=hparams.get("beta_schedule", "linear"),
-        beta_start=hparams.get("beta_start", 1e-4),
-        beta_end=hparams.get("beta_end", 0.02),
-    )
-
-
+@register
 class DDPMPretrain(L.LightningModule):
     """Unconditional ε-prediction DDPM pretraining of the shared UNet, with an EMA copy of its weights.
 
     A training batch holds ``"image"`` (B, 1, H, W) in [0, 1] and ``"dataset_index"`` (B,) long. Subclasses set
-    ``conditional`` to add the dataset condition and ``method_name`` to tag checkpoints.
+    ``conditional`` to add the dataset condition and ``name`` to register and tag checkpoints. Fine-tuning
+    starts from the EMA UNet of the checkpoint (``backbone``).
     ``dataset_names`` (the pretraining datasets, in the order of ``batch["dataset_index"]``) is recorded for
     provenance here and is the condition vocabulary in ``cdpm_align``.
     """
 
-    method_name = "ddpm"
-    conditional = False
+    name: ClassVar[str] = "ddpm"
+    family: ClassVar[str] = "diffusion"
+    pretrains: ClassVar[bool] = True
+    conditional: ClassVar[bool] = False
+
+    @classmethod
+    def default_settings(cls, preset: str) -> dict[str, Any]:
+        """Pretraining settings of a diffusion method with no entry of its own in the preset: ``ddpm``'s."""
+        return copy.deepcopy(DIFFUSION_PRETRAIN[preset]["ddpm"])
+
+    @classmethod
+    def backbone(cls, spec: BackboneSpec, checkpoint: str | None) -> DiffusionBackbone:
+        """The EMA UNet of the checkpoint, conditioned (when conditional) on ``spec.dataset``."""
+        return load_backbone(checkpoint, cls, spec.dataset, spec.timestep, spec.noise_input)
+
+    def save_sample_grid(self, path: str | Path) -> Path:
+        return save_sample_grid(self, path)
 
     def __init__(
         self,
@@ -132,7 +148,7 @@ class DDPMPretrain(L.LightningModule):
         self.ema_unet.update_parameters(self.unet)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[METHOD_KEY] = self.method_name
+        checkpoint[METHOD_KEY] = self.name
 
     def condition_labels(self, dataset_index: Tensor) -> Tensor | None:
         """Class labels for evaluating images of these datasets with their own condition; none for plain DDPM."""
@@ -193,7 +209,7 @@ class DDPMPretrain(L.LightningModule):
         return {
             "learned": learned,
             "summary": (
-                f"{self.method_name}: held-out denoising MSE t={'/'.join(map(str, timesteps))}: "
+                f"{self.name}: held-out denoising MSE t={'/'.join(map(str, timesteps))}: "
                 f"{figures(learned_mse)} vs untrained {figures(untrained_mse)} "
                 f"({'learned' if learned else 'NOT learned'}: criterion <= {HEALTH_RATIO}x untrained at every t)"
             ),
@@ -227,7 +243,7 @@ def load_backbone(
     error naming the file. A conditional UNet runs with ``dataset_name``'s index in the saved pretraining
     list, or the null condition when the dataset was not among them.
     """
-    checkpoint = read_checkpoint(checkpoint_path, expected_method=method.method_name)
+    checkpoint = read_checkpoint(checkpoint_path, expected_method=method.name)
     hparams = checkpoint.get("hyper_parameters")
     if not hparams or "unet" not in hparams or "dataset_names" not in hparams:
         raise CheckpointError(
@@ -252,16 +268,6 @@ def load_backbone(
         noise_input=noise_input,
         noise_scheduler=make_noise_scheduler(hparams),
     )
-
-
-def build_backbone(
-    checkpoint_path: str, dataset_name: str | None, timestep: int | None = None, noise_input: bool = False
-) -> DiffusionBackbone:
-    """The EMA UNet of a ``ddpm`` checkpoint as a backbone (``dataset_name`` is unused: plain DDPM has no condition).
-
-    ``timestep`` defaults to the checkpoint's ``backbone_timestep``; ``noise_input``: see ``DiffusionBackbone``.
-    """
-    return load_backbone(checkpoint_path, DDPMPretrain, dataset_name, timestep, noise_input)
 
 
 @torch.no_grad()
@@ -301,7 +307,7 @@ def save_sample_grid(
             axis.set_xticks([])
             axis.set_yticks([])
         axes[row, 0].set_ylabel(label)
-    figure.suptitle(f"{module.method_name}: EMA samples, step {module.global_step}")
+    figure.suptitle(f"{module.name}: EMA samples, step {module.global_step}")
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

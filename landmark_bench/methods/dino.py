@@ -32,7 +32,8 @@ from lightly.utils.scheduler import linear_warmup_schedule
 from torch import Tensor
 from torch.optim import Optimizer
 
-from landmark_bench.methods.momentum import MomentumPretrainer, momentum_copy, pooled_representation, read_encoder_state
+from landmark_bench.methods.base import register
+from landmark_bench.methods.momentum import MomentumPretrainer, momentum_copy, pooled_representation
 from landmark_bench.methods.views import XRayViews, multi_crop_views
 
 METHOD = "dino"
@@ -41,13 +42,19 @@ METHOD = "dino"
 MIN_TARGET_SPREAD = 0.5
 
 
+@register
 class DINO(MomentumPretrainer):
     """DINO pretraining; fine-tuning takes the student encoder (``encoder.*``), the one trained by gradient.
 
     Batches carry ``batch["views"]``: 2 global ``(B, 1, H, H)`` tensors, then the local ``(B, 1, h, h)`` ones.
     """
 
-    method = METHOD
+    name = "dino"
+
+    @classmethod
+    def views_transform(cls, **settings: Any) -> XRayViews:
+        """DINO's multi-crop (2 global + ``n_local`` local views); ``settings`` go to ``views.multi_crop_views``."""
+        return multi_crop_views(**settings)
 
     def __init__(
         self,
@@ -170,12 +177,3 @@ class DINO(MomentumPretrainer):
         # Counted in steps (lightly's argument is named for epochs), as every schedule here.
         self.projection_head.cancel_last_layer_gradients(self.global_step)
 
-
-def views_transform(**kwargs: Any) -> XRayViews:
-    """DINO's multi-crop (2 global + ``n_local`` local views); ``kwargs`` go to ``views.multi_crop_views``."""
-    return multi_crop_views(**kwargs)
-
-
-def encoder_state_dict(checkpoint_path: str) -> dict[str, Tensor]:
-    """Student encoder weights of a DINO checkpoint, loadable with ``strict=True`` into ``create_encoder(name)``."""
-    return read_encoder_state(checkpoint_path, METHOD)

@@ -23,10 +23,9 @@ from lightly.models.modules import BYOLPredictionHead, MoCoProjectionHead
 from lightly.utils import dist
 from torch import Tensor
 
-from landmark_bench.methods.momentum import MomentumPretrainer, momentum_copy, pooled_representation, read_encoder_state
+from landmark_bench.methods.base import register
+from landmark_bench.methods.momentum import MomentumPretrainer, momentum_copy, pooled_representation
 from landmark_bench.methods.views import XRayViews, two_views
-
-METHOD = "moco"
 
 
 def mocov3_contrastive_loss(queries: Tensor, keys: Tensor, temperature: float) -> Tensor:
@@ -40,10 +39,16 @@ def mocov3_contrastive_loss(queries: Tensor, keys: Tensor, temperature: float) -
     return F.cross_entropy(logits, labels) * (2 * temperature)
 
 
+@register
 class MoCoV3(MomentumPretrainer):
     """MoCo v3 pretraining; fine-tuning takes the online encoder (``encoder.*``), as MoCo v3 evaluates."""
 
-    method = METHOD
+    name = "moco"
+
+    @classmethod
+    def views_transform(cls, **settings: Any) -> XRayViews:
+        """MoCo v3's asymmetric two views (blur probability 1.0 / 0.1); ``settings`` go to ``views.two_views``."""
+        return two_views(**{"blur_probs": (1.0, 0.1), **settings})
 
     def __init__(
         self,
@@ -111,12 +116,3 @@ class MoCoV3(MomentumPretrainer):
         batch, temperature = self.global_batch_size, self.temperature
         return 4 * temperature * math.log(batch), f"4 * {temperature:g} * ln({batch})"
 
-
-def views_transform(**kwargs: Any) -> XRayViews:
-    """MoCo v3's asymmetric two views (blur probability 1.0 / 0.1); ``kwargs`` go to ``views.two_views``."""
-    return two_views(**{"blur_probs": (1.0, 0.1), **kwargs})
-
-
-def encoder_state_dict(checkpoint_path: str) -> dict[str, Tensor]:
-    """Online encoder weights of a MoCo v3 checkpoint, loadable with ``strict=True`` into ``create_encoder(name)``."""
-    return read_encoder_state(checkpoint_path, METHOD)

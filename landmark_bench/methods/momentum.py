@@ -25,7 +25,11 @@ from lightly.utils.scheduler import CosineWarmupScheduler, cosine_schedule
 from torch import Tensor
 
 from landmark_bench.checkpoints import METHOD_KEY, read_checkpoint, strip_prefix
+from landmark_bench.methods.base import BackboneSpec
+from landmark_bench.methods.views import XRayViews, two_views
+from landmark_bench.models.decoder import EncoderBackbone
 from landmark_bench.models.encoder import create_encoder
+from landmark_bench.presets import SSL_DEFAULTS
 
 ENCODER_PREFIX = "encoder."
 LOSS_HISTORY_KEY = "landmark_bench_loss_history"
@@ -57,9 +61,33 @@ def read_encoder_state(checkpoint_path: str, method: str) -> dict[str, Tensor]:
 
 
 class EncoderPretrainer(L.LightningModule, ABC):
-    """Encoder, representation, optimiser, checkpoint tag and health record shared by the encoder-based methods."""
+    """Encoder, representation, optimiser, checkpoint tag and health record shared by the encoder-based methods,
+    and their hand-over: fine-tuning starts from ``encoder.*`` in the checkpoint (``backbone``)."""
 
-    method: ClassVar[str]
+    name: ClassVar[str]
+    family: ClassVar[str] = "encoder"
+    pretrains: ClassVar[bool] = True
+
+    @classmethod
+    def views_transform(cls, **settings: Any) -> XRayViews:
+        """The views of one image (``batch["views"]``); two views by default, ``settings`` as ``views.two_views``."""
+        return two_views(**settings)
+
+    @classmethod
+    def default_settings(cls, preset: str) -> dict[str, Any]:
+        """Pretraining settings of a method with no entry of its own in the preset: the preset's common SSL ones."""
+        return copy.deepcopy(SSL_DEFAULTS[preset])
+
+    @classmethod
+    def encoder_state_dict(cls, checkpoint_path: str) -> dict[str, Tensor]:
+        """The trained encoder of a checkpoint, loadable with ``strict=True`` into ``create_encoder(name)``."""
+        return read_encoder_state(checkpoint_path, cls.name)
+
+    @classmethod
+    def backbone(cls, spec: BackboneSpec, checkpoint: str | None) -> nn.Module:
+        encoder = create_encoder(spec.encoder)
+        encoder.load_state_dict(cls.encoder_state_dict(checkpoint), strict=True)
+        return EncoderBackbone(encoder, spec.decoder_channels)
 
     def __init__(self, encoder: str, max_steps: int, lr: float, weight_decay: float, warmup_steps: int) -> None:
         super().__init__()
@@ -115,14 +143,14 @@ class EncoderPretrainer(L.LightningModule, ABC):
         """Whether the pretraining learned: its final loss (mean of the last steps) against ``chance_loss``."""
         losses = self.loss_history
         if not losses:
-            raise RuntimeError(f"{self.method}: no training step recorded, so there is no health record to give")
+            raise RuntimeError(f"{self.name}: no training step recorded, so there is no health record to give")
         chance, formula = self.chance_loss()
         window = max(1, math.ceil(FINAL_FRACTION * len(losses)))
         final = sum(losses[-window:]) / window
         learned = math.isfinite(final) and final <= LEARNED_RATIO * chance
         dataset = getattr(datamodule, "dataset", None)
         return {
-            "method": self.method,
+            "method": self.name,
             "learned": learned,
             "summary": f"final loss {final:.2f} vs chance {formula} = {chance:.2f} ({final / chance:.0%} of chance)",
             "final_loss": final,
@@ -143,7 +171,7 @@ class EncoderPretrainer(L.LightningModule, ABC):
         return {}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[METHOD_KEY] = self.method
+        checkpoint[METHOD_KEY] = self.name
         checkpoint[LOSS_HISTORY_KEY] = {"losses": list(self.loss_history), "global_batch_size": self.global_batch_size}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

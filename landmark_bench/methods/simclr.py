@@ -14,16 +14,20 @@ from lightly.loss import NTXentLoss
 from lightly.models.modules import SimCLRProjectionHead
 from torch import Tensor
 
-from landmark_bench.methods.momentum import EncoderPretrainer, read_encoder_state
+from landmark_bench.methods.base import register
+from landmark_bench.methods.momentum import EncoderPretrainer
 from landmark_bench.methods.views import XRayViews, two_views
 
-METHOD = "simclr"
-
-
+@register
 class SimCLR(EncoderPretrainer):
     """SimCLR pretraining of the suite's encoder; batches carry ``batch["views"]`` = two ``(B, 1, h, w)`` tensors."""
 
-    method = METHOD
+    name = "simclr"
+
+    @classmethod
+    def views_transform(cls, **settings: Any) -> XRayViews:
+        """SimCLR's two symmetric views (blur probability 0.5 each); ``settings`` go to ``views.two_views``."""
+        return two_views(**{"blur_probs": (0.5, 0.5), **settings})
 
     def __init__(
         self,
@@ -60,12 +64,3 @@ class SimCLR(EncoderPretrainer):
         candidates = 2 * self.global_batch_size - 1
         return math.log(candidates), f"ln({candidates})"
 
-
-def views_transform(**kwargs: Any) -> XRayViews:
-    """SimCLR's two symmetric views (blur probability 0.5 each); ``kwargs`` go to ``views.two_views``."""
-    return two_views(**{"blur_probs": (0.5, 0.5), **kwargs})
-
-
-def encoder_state_dict(checkpoint_path: str) -> dict[str, Tensor]:
-    """Encoder weights of a SimCLR checkpoint, loadable with ``strict=True`` into ``create_encoder(name)``."""
-    return read_encoder_state(checkpoint_path, METHOD)

@@ -142,7 +142,10 @@ class LandmarkDetector(L.LightningModule):
         return self._heatmaps(self._logits(image))
 
     def _heatmaps(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits[:, 1:] if self.hparams.loss == "pixel_ce" else logits
+        """One map per landmark whose spatial peak is the prediction. ``pixel_ce`` is a per-pixel softmax over the
+        channels, blind to a per-pixel shift of all logits, so its raw maps mean nothing across pixels: its maps are
+        each landmark class's per-pixel log-probability."""
+        return logits.log_softmax(dim=1)[:, 1:] if self.hparams.loss == "pixel_ce" else logits
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self._logits(batch["image"], "train", batch.get("index"))

@@ -54,13 +54,6 @@ def build_unet(config: dict, num_conditions: int | None = None) -> UNet2DModel:
     return unet
 
 
-def null_condition_index(unet: UNet2DModel) -> int:
-    """The class index of the null condition ∅ (the last row of the class embedding)."""
-    if unet.class_embedding is None:
-        raise ValueError("this UNet has no class embedding, hence no null condition")
-    return unet.class_embedding.num_embeddings - 1
-
-
 def decoder_features(
     unet: UNet2DModel, sample: Tensor, timestep: Tensor | int, class_labels: Tensor | None = None
 ) -> tuple[Tensor, list[Tensor]]:
@@ -83,6 +76,17 @@ def decoder_features(
         for handle in handles:
             handle.remove()
     return prediction, features
+
+
+def make_noise_scheduler(hparams: dict) -> DDPMScheduler:
+    """The DDPM noise schedule of a module's (or a checkpoint's) hyperparameters; older checkpoints lack the
+    beta range and get diffusers' defaults, which they were trained with."""
+    return DDPMScheduler(
+        num_train_timesteps=hparams["num_train_timesteps"],
+        beta_schedule=hparams.get("beta_schedule", "linear"),
+        beta_start=hparams.get("beta_start", 1e-4),
+        beta_end=hparams.get("beta_end", 0.02),
+    )
 
 
 class DiffusionBackbone(nn.Module):
