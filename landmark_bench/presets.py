@@ -176,7 +176,9 @@ PRESETS: dict[str, dict] = {
 # Cost model of the sweep's dry run (seconds; per optimiser step where it says so). ``startup``: a job's process
 # start and imports; ``evaluation``: a fine-tune's wall time outside its training loop (test evaluation, files).
 # ``cpu``: measured in the ISBI 10-shot sweep of benchmarks/RESULTS.md (`make benchmark SHOTS=10`: one thread per
-# job, two jobs on a 2-core CPU); the other presets are guesses until measured. ``pretrain_step_by_family``: the
+# job, two jobs on a 2-core CPU); ``probe_step``: the mean probe wall time of the 2026-12-02 sweep (feature
+# caching and the head's steps, with the cores also loaded by the test suite: an upper figure); the other presets
+# are guesses until measured. ``pretrain_step_by_family``: the
 # cost of a pretraining method the model does not name (a user's own), its family's costliest.
 ESTIMATE: dict[str, dict] = {
     "tiny": {"startup": 5.0, "evaluation": {"encoder": 2.0, "diffusion": 2.0},
@@ -184,7 +186,7 @@ ESTIMATE: dict[str, dict] = {
              "pretrain_step": {"ddpm": 0.1, "cdpm_align": 0.15, "simclr": 0.1, "moco": 0.1, "dino": 0.2},
              "pretrain_step_by_family": {"encoder": 0.2, "diffusion": 0.15}},
     "cpu": {"startup": 12.0, "evaluation": {"encoder": 8.0, "diffusion": 24.0},
-            "finetune_step": {"encoder": 0.62, "diffusion": 2.11}, "probe_step": {"encoder": 0.1, "diffusion": 0.15},
+            "finetune_step": {"encoder": 0.62, "diffusion": 2.11}, "probe_step": {"encoder": 0.68, "diffusion": 1.37},
             "pretrain_step": {"ddpm": 0.7, "cdpm_align": 0.9, "simclr": 1.02, "moco": 1.2, "dino": 2.32},
             "pretrain_step_by_family": {"encoder": 2.32, "diffusion": 0.9}},
     "paper": {"startup": 30.0, "evaluation": {"encoder": 30.0, "diffusion": 60.0},
