@@ -1,0 +1,212 @@
+"""How jobs run: in this process, as subprocesses on local device slots, or through submitit (SLURM). The launchers
+differ only in where and how many jobs run at once; the order and the dependencies are the schedule's."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from threading import Condition
+
+from landmark_bench.finetune import finetune
+from landmark_bench.io import write_json
+from landmark_bench.pretrain import pretrain
+from landmark_bench.runs import USER_ERRORS, threads_per_process
+from landmark_bench.sweep.planning import Job, Needs, PretrainJob
+
+SUBMITIT_CLUSTERS = {"slurm": "slurm", "submitit-local": "local", "submitit-debug": "debug"}
+LAUNCHERS = ("inprocess", "local", *SUBMITIT_CLUSTERS)
+
+
+def job_arguments(job: Job, data_dir: str | None, group: str, devices: int) -> list[str]:
+    """The ``landmark-bench`` argument list of a job: never a shell string."""
+    common = ["--preset", job.preset, "--out", job.out, "--devices", str(devices), "--wandb-group", group]
+    if job.overrides:
+        common += ["--set", *(f"{key}={value!r}" for key, value in job.overrides.items())]
+    if data_dir:
+        common += ["--data-dir", str(data_dir)]
+    if isinstance(job, PretrainJob):
+        return ["pretrain", "--method", job.method, "--datasets", *job.datasets, *common]
+    args = ["finetune", "--method", job.method, "--dataset", job.dataset, "--shots", str(job.shots),
+            "--seed", str(job.seed), "--protocol", job.protocol, *common]
+    return args + (["--pretrained", job.pretrained] if job.pretrained else [])
+
+
+def execute(job: Job, data_dir: str | None, group: str, devices: int = 1) -> str:
+    """Run one job in this process; a user error (data, checkpoint, setting) is recorded in its folder and
+    reported in one line, never raised."""
+    try:
+        if isinstance(job, PretrainJob):
+            pretrain(method=job.method, datasets=job.datasets, preset=job.preset, data_dir=data_dir, out=job.out,
+                     devices=devices, wandb_group=group, overrides=job.overrides)
+        else:
+            finetune(method=job.method, dataset=job.dataset, shots=job.shots, seed=job.seed, preset=job.preset,
+                     data_dir=data_dir, out=job.out, pretrained=job.pretrained, devices=devices, wandb_group=group,
+                     overrides=job.overrides, protocol=job.protocol)
+    except USER_ERRORS as error:
+        print(f"{Path(job.out).name}: error: {error}", file=sys.stderr)
+    return "done" if job.state() == "done" else "failed"
+
+
+def run_subprocess(job: Job, data_dir: str | None, group: str, slot: str, cpu_slots: int = 1) -> str:
+    """Run one job in a process of its own on one device slot, its output in the run folder's ``job.log``; a
+    process that dies before recording its end is recorded as failed."""
+    env = dict(os.environ)
+    if slot.startswith("cuda:"):
+        env["CUDA_VISIBLE_DEVICES"] = slot.split(":", 1)[1]
+    else:  # CPU processes share the cores: more threads than cores makes every one of them crawl
+        env["OMP_NUM_THREADS"] = str(threads_per_process(cpu_slots))
+    log = Path(job.out) / "job.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as stream:
+        subprocess.run([sys.executable, "-m", "landmark_bench.cli", *job_arguments(job, data_dir, group, 1)],
+                       env=env, stdout=stream, stderr=subprocess.STDOUT, check=False)
+    if job.state() not in ("done", "failed"):  # killed before it could record anything
+        write_json(Path(job.out) / "status.json", {"status": "failed", "reason": f"process ended, see {log}"})
+    return job.state()
+
+
+class Schedule:
+    """The jobs not done yet, in the given (priority) order, each to start once the job it ``needs`` finished;
+    shared by the launchers so that a job whose needed job failed in this run is recorded as failed without
+    running, whichever launcher runs the sweep."""
+
+    def __init__(self, jobs: list[Job], needs: Needs, on_finish: Callable[[Job], None]) -> None:
+        self.pending = [job for job in jobs if job.state() != "done"]
+        self.needs, self.on_finish = needs, on_finish
+        self.finished: set[str] = set()
+
+    def blocked(self, job: Job) -> bool | None:
+        """None: may run; True: its needed job failed; False: must wait for it."""
+        needed = self.needs(job)
+        if needed is None or needed.state() == "done":
+            return None
+        return needed.out in self.finished
+
+    def skipped(self, job: Job) -> bool:
+        """True, having recorded the job as failed and reported it, when the job it needs failed."""
+        if not self.blocked(job):
+            return False
+        needed = self.needs(job)
+        Path(job.out).mkdir(parents=True, exist_ok=True)
+        write_json(Path(job.out) / "status.json",
+                   {"status": "failed", "reason": f"pretraining {needed.method} failed, see {needed.out}"})
+        self.on_finish(job)
+        return True
+
+    def first_ready(self) -> Job | None:
+        """The first pending job that need not wait (it may run, or is to be recorded as failed)."""
+        return next((job for job in self.pending if self.blocked(job) is not False), None)
+
+    def waves(self) -> Iterator[list[Job]]:
+        """What is ready, then what that unblocked, until nothing is pending."""
+        while self.pending:
+            wave = [job for job in self.pending if self.blocked(job) is not False]
+            self.pending = [job for job in self.pending if job not in wave]
+            yield wave
+            self.finished.update(job.out for job in wave)
+
+
+@dataclass
+class Launcher(ABC):
+    """Where a schedule's jobs run, and how many at once."""
+
+    data_dir: str | None
+    group: str
+
+    @abstractmethod
+    def run(self, schedule: Schedule) -> None:
+        """Run every job of the schedule, reporting each to ``schedule.on_finish`` as it ends."""
+
+
+@dataclass
+class InProcess(Launcher):
+    """One job at a time in this process, wave after wave: no start-up cost and nothing to set up."""
+
+    devices: int = 1
+
+    def run(self, schedule: Schedule) -> None:
+        for wave in schedule.waves():
+            for job in wave:
+                if not schedule.skipped(job):
+                    execute(job, self.data_dir, self.group, self.devices)
+                    schedule.on_finish(job)
+
+
+@dataclass
+class LocalSlots(Launcher):
+    """A subprocess on each local device slot (``cuda:0``, ``cpu``, ...): a free slot starts the first ready job,
+    so fine-tunes that need nothing fill the slots while pretrainings run."""
+
+    slots: list[str]
+
+    def run(self, schedule: Schedule) -> None:
+        changed = Condition()
+
+        def work(slot: str) -> None:
+            while True:
+                with changed:
+                    while (job := schedule.first_ready()) is None:
+                        if not schedule.pending:
+                            return
+                        changed.wait()
+                    schedule.pending.remove(job)
+                try:
+                    if not schedule.skipped(job):
+                        run_subprocess(job, self.data_dir, self.group, slot, len(self.slots))
+                        schedule.on_finish(job)
+                finally:  # wake the other slots even if this one fails, so none waits forever
+                    with changed:
+                        schedule.finished.add(job.out)
+                        changed.notify_all()
+
+        with ThreadPoolExecutor(max_workers=len(self.slots)) as pool:
+            list(pool.map(work, self.slots))
+
+
+@dataclass
+class Submitit(Launcher):
+    """Each wave's ready jobs submitted together through submitit: to SLURM, or to local or debug processes that
+    behave the same way."""
+
+    devices: int
+    cluster: str
+    folder: Path
+    slurm: dict
+
+    def run(self, schedule: Schedule) -> None:
+        for wave in schedule.waves():
+            ready = [job for job in wave if not schedule.skipped(job)]
+            if ready:
+                self.submit(ready, schedule.on_finish)
+
+    def submit(self, jobs: list[Job], on_finish: Callable[[Job], None]) -> None:
+        import submitit
+
+        executor = submitit.AutoExecutor(folder=self.folder / "submitit", cluster=self.cluster)
+        executor.update_parameters(**{"timeout_min": 240, **(self.slurm if self.cluster == "slurm" else {})})
+        submitted = [(job, executor.submit(execute, job, self.data_dir, self.group, self.devices)) for job in jobs]
+        for job, handle in submitted:
+            try:
+                handle.result()
+            except Exception as error:  # the job's own folder records the reason when it got that far
+                if job.state() != "failed":
+                    write_json(Path(job.out) / "status.json", {"status": "failed", "reason": str(error)[-2000:]})
+            on_finish(job)
+
+
+def make_launcher(name: str, data_dir: str | None, group: str, slots: list[str], folder: Path,
+                  slurm: dict | None = None, devices: int = 1) -> Launcher:
+    """The launcher of one of the ``LAUNCHERS`` names; submitit keeps its files under ``folder``."""
+    if name == "inprocess":
+        return InProcess(data_dir, group, devices)
+    if name == "local":
+        return LocalSlots(data_dir, group, slots)
+    if name in SUBMITIT_CLUSTERS:
+        return Submitit(data_dir, group, devices, SUBMITIT_CLUSTERS[name], folder, slurm or {})
+    raise ValueError(f"unknown launcher {name!r}; valid launchers: {', '.join(LAUNCHERS)}")
