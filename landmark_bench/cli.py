@@ -1,4 +1,4 @@
-"""``landmark-bench``: evaluate, annotations, finetune, pretrain, sweep, leaderboard."""
+"""``landmark-bench``: evaluate, annotations, finetune, pretrain, samples, sweep, leaderboard."""
 
 from __future__ import annotations
 
@@ -99,6 +99,19 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     print(f"{args.method} pretrained on {', '.join(args.datasets)}: {record['checkpoint']}")
 
 
+def cmd_samples(args: argparse.Namespace) -> None:
+    """A diffusion pretraining's sample grid rendered again from its checkpoint."""
+    from landmark_bench.checkpoints import METHOD_KEY, read_checkpoint
+    from landmark_bench.methods import get_method
+
+    method = get_method(read_checkpoint(args.checkpoint).get(METHOD_KEY) or "")
+    if not hasattr(method, "sample_grid_from_checkpoint"):
+        raise ValueError(f"checkpoint {args.checkpoint} is a {method.name!r} pretraining, which does not generate images")
+    path = method.sample_grid_from_checkpoint(args.checkpoint, args.out, guidance_scale=args.guidance_scale,
+                                              num_inference_steps=args.steps)
+    print(f"wrote {path}")
+
+
 def cmd_sweep(args: argparse.Namespace) -> None:
     from landmark_bench.sweep import run_sweep
 
@@ -185,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--wandb-group", help="W&B group (the sweep's name)")
     add_settings_arguments(pretrain)
     pretrain.set_defaults(run=cmd_pretrain)
+    samples = commands.add_parser("samples", help="render a diffusion checkpoint's sample grid (DDIM, guidance)")
+    samples.add_argument("--checkpoint", required=True)
+    samples.add_argument("--out", required=True, help="PNG path")
+    samples.add_argument("--guidance-scale", type=float, default=3.0,
+                         help="classifier-free guidance of a conditional UNet (1 = none)")
+    samples.add_argument("--steps", type=integer, default=50, help="DDIM steps")
+    samples.set_defaults(run=cmd_samples)
     sweep = commands.add_parser("sweep", help="methods x datasets x shots x seeds, resumable, then the leaderboard")
     sweep.add_argument("--methods", nargs="+", required=True)
     sweep.add_argument("--datasets", nargs="+", default=["phantom"])

@@ -15,6 +15,7 @@ from matplotlib.image import imread
 from torch.utils.data import DataLoader
 
 from landmark_bench.checkpoints import METHOD_KEY, CheckpointError
+from landmark_bench.cli import main
 from landmark_bench.losses import guidance_alignment_loss
 from landmark_bench.methods import BackboneSpec, cdpm_align
 from landmark_bench.methods.cdpm_align import CDPMAlignPretrain, draw_timestep_pair
@@ -285,6 +286,24 @@ def test_sample_grid_has_a_row_per_condition(cdpm_run, ddpm_checkpoint, tmp_path
     plain = imread(save_sample_grid(ddpm_module, tmp_path / "d.png", num_per_condition=2, num_inference_steps=3))
     assert conditional.shape[0] > 2.5 * plain.shape[0]  # 3 rows (2 datasets + ∅) against 1
     assert [label for label, _ in cdpm_module.sample_conditions()] == [*DATASETS, "null ∅"]
+
+
+def test_samples_command_renders_a_checkpoint_with_guidance_and_refuses_a_non_generative_one(cdpm_run, tmp_path,
+                                                                                           capsys):
+    _, _, path = cdpm_run
+    unguided, guided = tmp_path / "g1.png", tmp_path / "g3.png"
+    assert main(["samples", "--checkpoint", str(path), "--out", str(unguided), "--guidance-scale", "1",
+                 "--steps", "3"]) == 0
+    assert main(["samples", "--checkpoint", str(path), "--out", str(guided), "--steps", "3"]) == 0
+    assert imread(unguided).shape == imread(guided).shape
+    assert not np.array_equal(imread(unguided), imread(guided))  # guidance moves the conditional rows
+    foreign = tmp_path / "foreign.ckpt"
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint[METHOD_KEY] = "simclr"
+    torch.save(checkpoint, foreign)
+    assert main(["samples", "--checkpoint", str(foreign), "--out", str(tmp_path / "x.png")]) == 2
+    assert "does not generate images" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
 
 
 @pytest.mark.parametrize("preset", ["tiny", "cpu", "paper"])

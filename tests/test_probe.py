@@ -9,7 +9,7 @@ import torch
 from landmark_bench.cli import main
 from landmark_bench.data.datamodule import LandmarkDataModule
 from landmark_bench.methods import CONTROLS, build_backbone, control_of, family_of, method_names
-from landmark_bench.models.detector import LandmarkDetector
+from landmark_bench.models.detector import LandmarkDetector, ProbeHead
 from landmark_bench.presets import get_preset
 from landmark_bench.pretrain import pretrain
 from landmark_bench.sweep import plan
@@ -49,6 +49,16 @@ def test_probe_trains_the_head_and_leaves_every_backbone_tensor_unchanged(method
                    if tensor.is_floating_point() and name.endswith("weight"))
     # the frozen features of the few-shot images were computed once: one cache entry per training image
     assert len(model._feature_cache) == len(datamodule.datasets["train"].records)
+
+
+def test_probe_head_fuses_at_the_finest_level_and_returns_logits_at_the_image_size():
+    head = ProbeHead([8, 4], out_channels=3, hidden=5)
+    pyramid = [torch.randn(2, 8, 4, 5), torch.randn(2, 4, 16, 20)]  # coarsest first; finest at stride 2
+    logits = head(pyramid, (32, 40))
+    assert logits.shape == (2, 3, 32, 40)
+    assert head(pyramid, (16, 20)).shape == (2, 3, 16, 20)  # finest level at the image size: no resampling
+    with pytest.raises(ValueError):
+        head(pyramid[:1], (32, 40))  # one map per level, never fewer
 
 
 def test_control_unet_has_exactly_the_pretrained_parameters(tiny_ddpm):

@@ -67,6 +67,14 @@ class DDPMPretrain(L.LightningModule):
     def save_sample_grid(self, path: str | Path) -> Path:
         return save_sample_grid(self, path)
 
+    @classmethod
+    def sample_grid_from_checkpoint(cls, checkpoint_path: str | Path, path: str | Path, **sampling: Any) -> Path:
+        """Render a finished pretraining's sample grid again (e.g. at another guidance scale) from its checkpoint."""
+        checkpoint = read_checkpoint(checkpoint_path, expected_method=cls.name)
+        module = cls(**checkpoint["hyper_parameters"])
+        module.load_state_dict(checkpoint["state_dict"], strict=True)
+        return save_sample_grid(module, path, step=int(checkpoint["global_step"]), **sampling)
+
     def __init__(
         self,
         *,
@@ -272,12 +280,17 @@ def load_backbone(
 
 @torch.no_grad()
 def save_sample_grid(
-    module: DDPMPretrain, path: str | Path, num_per_condition: int = 4, num_inference_steps: int = 25, seed: int = 0
+    module: DDPMPretrain, path: str | Path, num_per_condition: int = 4, num_inference_steps: int = 50, seed: int = 0,
+    guidance_scale: float = 3.0, step: int | None = None,
 ) -> Path:
     """Save a PNG of images sampled by the EMA UNet: one row per dataset condition and one for ∅ (or one
     unconditional row for ``ddpm``), labelled, so a run's generative quality can be checked by eye.
 
-    Sampling is deterministic DDIM (eta 0) from seeded noise at the UNet's ``sample_size``.
+    Sampling is deterministic DDIM (eta 0) from seeded noise at the UNet's ``sample_size``. A conditional UNet
+    (trained with condition dropout) samples with classifier-free guidance at ``guidance_scale``
+    (ε∅ + w·(ε_c − ε∅); the ∅ row is unguided), which is how such a model is meant to be sampled and what
+    makes the per-dataset conditions tell apart. ``step``: the training step named in the title (default: the
+    module's own).
     """
     unet = module.ema_unet.module
     was_training = unet.training
@@ -288,12 +301,16 @@ def save_sample_grid(
     size = unet.config.sample_size
     generator = torch.Generator().manual_seed(seed)
     sample = torch.randn((len(conditions) * num_per_condition, 1, size, size), generator=generator).to(module.device)
-    class_labels = None
+    class_labels = null_labels = None
     if module.conditional:
         indices = [index for _, index in conditions for _ in range(num_per_condition)]
         class_labels = torch.tensor(indices, dtype=torch.long, device=module.device)
+        null_labels = torch.full_like(class_labels, module.null_index)
     for timestep in scheduler.timesteps:
         prediction = unet(sample, timestep, class_labels).sample
+        if module.conditional and guidance_scale != 1.0:
+            unguided = unet(sample, timestep, null_labels).sample
+            prediction = unguided + guidance_scale * (prediction - unguided)
         sample = scheduler.step(prediction, timestep, sample).prev_sample
     unet.train(was_training)
     images = ((sample.clamp(-1, 1) + 1) / 2).float().cpu().numpy()[:, 0]
@@ -307,7 +324,9 @@ def save_sample_grid(
             axis.set_xticks([])
             axis.set_yticks([])
         axes[row, 0].set_ylabel(label)
-    figure.suptitle(f"{module.name}: EMA samples, step {module.global_step}")
+    guidance = f", guidance {guidance_scale:g}" if module.conditional else ""
+    step = module.global_step if step is None else step
+    figure.suptitle(f"{module.name}: EMA samples, step {step}, DDIM {num_inference_steps}{guidance}")
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -26,9 +26,11 @@ class ProbeHead(nn.Module):
     """A light head over a frozen feature pyramid: what the probe protocol trains.
 
     Each level is standardised (BatchNorm, so random and pretrained features of any scale start alike),
-    projected by a 1x1 convolution, upsampled to the input size and summed; one ReLU and a 3x3 convolution
-    give the heatmap logits. It is the same head for every network family, so a pretrained probe and its
-    random-init control differ only by the frozen weights.
+    projected by a 1x1 convolution, upsampled to the finest level's size and summed; one ReLU and a 3x3
+    convolution give the heatmap logits, upsampled to the input size. Fusing at the finest level rather than at
+    the input size keeps the head cheap where the finest level is coarser than the image (an encoder's stride 2).
+    It is the same head for every network family, so a pretrained probe and its random-init control differ only
+    by the frozen weights.
     """
 
     def __init__(self, in_channels: list[int], out_channels: int, hidden: int = 64):
@@ -39,11 +41,15 @@ class ProbeHead(nn.Module):
         self.out = nn.Conv2d(hidden, out_channels, 3, padding=1)
 
     def forward(self, pyramid: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        finest = max((features.shape[-2:] for features in pyramid), key=lambda shape: shape[0] * shape[1])
         fused = sum(
-            F.interpolate(level(features), size=size, mode="bilinear", align_corners=False)
+            F.interpolate(level(features), size=finest, mode="bilinear", align_corners=False)
             for level, features in zip(self.levels, pyramid, strict=True)
         )
-        return self.out(F.relu(fused))
+        logits = self.out(F.relu(fused))
+        if tuple(logits.shape[-2:]) == tuple(size):
+            return logits
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
 
 def warmup_cosine(step: int, warmup_steps: int, max_steps: int) -> float:
