@@ -1,4 +1,4 @@
-"""``landmark-bench``: evaluate, annotations, finetune, pretrain, samples, sweep, leaderboard."""
+"""``landmark-bench``: evaluate, annotations, finetune, pretrain, samples, sweep, leaderboard, ablation."""
 
 from __future__ import annotations
 
@@ -138,6 +138,16 @@ def cmd_leaderboard(args: argparse.Namespace) -> None:
     publish_leaderboard(Path(args.sweep_dir))
 
 
+def cmd_ablation(args: argparse.Namespace) -> None:
+    from landmark_bench.io import atomic_write_text
+    from landmark_bench.leaderboard import ablation_markdown
+
+    text = ablation_markdown(args.base, args.variant, args.method, args.split)
+    print(text)
+    if args.out:
+        atomic_write_text(Path(args.out), text)
+
+
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", nargs="+", metavar="KEY=VALUE",
                         help="preset settings by dotted key, e.g. finetune.lr=5e-4 pretrain.ddpm.max_steps=2000 "
@@ -229,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     leaderboard = commands.add_parser("leaderboard", help="tables and figures from a sweep's results.csv")
     leaderboard.add_argument("sweep_dir")
     leaderboard.set_defaults(run=cmd_leaderboard)
+    ablation = commands.add_parser("ablation", help="one method in two sweeps that differ by one setting (--set)")
+    ablation.add_argument("base", help="sweep folder with the preset's setting")
+    ablation.add_argument("variant", help="sweep folder run with the changed setting")
+    ablation.add_argument("--method", required=True)
+    ablation.add_argument("--split", default="test")
+    ablation.add_argument("--out", help="also write the Markdown table here")
+    ablation.set_defaults(run=cmd_ablation)
     return parser
 
 

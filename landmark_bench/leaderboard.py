@@ -17,6 +17,7 @@ few images can wash out what a probe shows the pretraining taught.
 from __future__ import annotations
 
 import io
+import json
 import math
 import re
 from collections.abc import Callable, Iterable
@@ -196,7 +197,9 @@ def _paired_test(base: pd.Series, other: pd.Series) -> tuple[float, int]:
     pairs = pd.concat([base.rename("base"), other.rename("other")], axis=1, join="inner")
     if pairs.empty:
         return math.nan, 0
-    with np.errstate(invalid="ignore", divide="ignore"):  # identical samples: scipy's z is 0/0, its p is 1
+    if pairs["other"].eq(pairs["base"]).all():  # identical samples: no evidence of a difference (scipy gives nan)
+        return 1.0, len(pairs)
+    with np.errstate(invalid="ignore", divide="ignore"):
         result = wilcoxon(pairs["other"], pairs["base"], alternative="two-sided")
     return float(result.pvalue), len(pairs)
 
@@ -351,6 +354,8 @@ def _fmt(value: float, std: float = math.nan, digits: int = 2, plus_minus: str =
 
 
 def _fmt_p(p_value: float) -> str:
+    if pd.isna(p_value):
+        return "–"
     return "p < 0.001" if p_value < 0.001 else f"p = {p_value:.3f}"
 
 
@@ -746,3 +751,52 @@ def build_leaderboard(results_csv: str | Path, out_dir: str | Path, expected_see
     if (written := plot_overlays(results, out_dir / "overlays.png", overlay_shots, overlay_seed)) is not None:
         paths["overlays"] = written
     return paths
+
+
+def _run_samples(rows: pd.DataFrame, split: str) -> pd.Series | None:
+    """Per-image MRE of ``split`` over the done runs in ``rows``, indexed by (seed, split, image_id)."""
+    parts = {}
+    for seed, run_dir in rows[["seed", "run_dir"]].itertuples(index=False):
+        if (errors := per_image_mre(run_dir)) is None:
+            return None
+        parts[int(seed)] = _split_errors(errors, split)
+    return pd.concat(parts, names=["seed"]) if parts else None
+
+
+def ablation_markdown(base_sweep: str | Path, variant_sweep: str | Path, method: str, split: str = "test") -> str:
+    """One method in two sweeps that differ by one setting: per (dataset, shots, protocol) its MRE in each (means
+    over the seeds both have), the difference and a paired Wilcoxon p-value over (seed, image), next to the
+    base sweep's control of the method's family. The sweeps' ``--set`` overrides name the difference."""
+    sweeps = {"base": Path(base_sweep), "variant": Path(variant_sweep)}
+    frames = {name: read_results(path / "results.csv") for name, path in sweeps.items()}
+    overrides = {name: json.loads((path / "sweep.json").read_text()).get("overrides", {})
+                 for name, path in sweeps.items()}
+    control = control_of(method)
+    lines = [f"# Ablation: `{method}`, {split} split", "",
+             *(f"- {name}: `{sweeps[name]}`, settings `{overrides[name] or 'preset defaults'}`" for name in sweeps), "",
+             f"| dataset | shots | protocol | seeds | control {control} | base | variant | variant − base | p | pairs |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    column = f"{split}_mre"
+    done = {name: frame[frame["status"].eq("done")] for name, frame in frames.items()}
+    keys = ["dataset", "shots", "protocol"]
+    cells = done["variant"][done["variant"]["method"].eq(method)][keys].drop_duplicates().itertuples(index=False)
+    for dataset, shots, protocol in sorted(cells):
+        def rows(name: str, of: str = method) -> pd.DataFrame:
+            frame = done[name]
+            return frame[(frame["method"] == of) & (frame["dataset"] == dataset) & (frame["shots"] == shots)
+                         & (frame["protocol"] == protocol)]
+        seeds = sorted(set(rows("base")["seed"]) & set(rows("variant")["seed"]))
+        base, variant = (rows(name)[rows(name)["seed"].isin(seeds)] for name in sweeps)
+        reference = rows("base", control) if control else pd.DataFrame()
+        reference = reference[reference["seed"].isin(seeds)] if len(reference) else reference
+        p_value, pairs = math.nan, 0
+        if seeds and (base_samples := _run_samples(base, split)) is not None and (
+                variant_samples := _run_samples(variant, split)) is not None:
+            p_value, pairs = _paired_test(base_samples, variant_samples)
+        cells_text = [_fmt(frame[column].mean(), frame[column].std()) if len(frame) == len(seeds) and seeds else "–"
+                      for frame in (reference, base, variant)]
+        difference = variant[column].mean() - base[column].mean() if seeds else math.nan
+        lines.append(f"| {dataset} | {shots} | {protocol} | {' '.join(map(str, seeds)) or '–'} | "
+                     f"{' | '.join(cells_text)} | {_fmt(difference)} | {_fmt_p(p_value)} | {pairs} |")
+    lines += ["", f"MRE in the runs' unit, mean ± std over seeds; p: {TEST_NAME}."]
+    return "\n".join(lines) + "\n"

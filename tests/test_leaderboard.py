@@ -9,6 +9,7 @@ clearly worse. ``moco`` fails one seed at ISBI 10 shots with values that would w
 
 from __future__ import annotations
 
+import json
 import re
 import zlib
 from pathlib import Path
@@ -19,7 +20,7 @@ import pandas as pd
 import pytest
 from scipy.stats import wilcoxon
 
-from landmark_bench.leaderboard import build_leaderboard, read_results
+from landmark_bench.leaderboard import ablation_markdown, build_leaderboard, read_results
 
 SEEDS = (0, 1, 2)
 MM_THRESHOLDS = ("2.0", "2.5", "3.0", "4.0")
@@ -454,3 +455,43 @@ def test_protocol_figures_are_written(protocol_built: dict[str, Path]) -> None:
     for name in ("mre_vs_shots_isbi2015", "ere_vs_shots_isbi2015", "gain_vs_control_isbi2015_10shots"):
         assert protocol_built[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert matplotlib.image.imread(protocol_built[name]).std() > 0.01
+
+
+def write_variant_sweep(root: Path, method: str, shift: dict[str, float]) -> Path:
+    """A sweep of ``method`` alone whose per-image errors are the protocol sweep's plus ``shift[protocol]``."""
+    rows = []
+    for (protocol, name), levels in protocol_levels().items():
+        if name != method:
+            continue
+        for seed in PROTOCOL_SEEDS:
+            run_dir = root / "runs" / f"{method}-{protocol}-{seed}"
+            run_dir.mkdir(parents=True)
+            errors = levels[seed] + shift[protocol]
+            rows.append({"method": method, "dataset": "isbi2015", "shots": "10", "protocol": protocol, "seed": seed,
+                         "run_dir": str(run_dir), "unit": "mm", "status": "done", "reason": "",
+                         "test_mre": errors.mean(), "test_mre_std": 0.5})
+            pd.DataFrame({"split": "test", "image_id": PROTOCOL_IMAGES, "landmark": 0, "name": "L0", "x": 1.0,
+                          "y": 1.0, "radial_error": errors, "ere": np.nan, "unit": "mm"}).to_csv(
+                run_dir / "errors.csv", index=False)
+    pd.DataFrame(rows).to_csv(root / "results.csv", index=False)
+    return root
+
+
+def test_ablation_table_compares_one_method_across_two_sweeps(tmp_path: Path) -> None:
+    base = write_protocol_sweep(tmp_path / "base").parent
+    (base / "sweep.json").write_text(json.dumps({"overrides": {}}))
+    variant = write_variant_sweep(tmp_path / "variant", "ddpm", {"finetune": 0.0, "probe": 1.0})
+    (variant / "sweep.json").write_text(json.dumps({"overrides": {"pretrain.ddpm.lr": 0.1}}))
+    text = ablation_markdown(base, variant, "ddpm")
+    assert "pretrain.ddpm.lr" in text and "control scratch_unet" in text
+    rows = {line.split(" | ")[2]: line.split(" | ") for line in text.splitlines() if line.startswith("| isbi2015")}
+    levels = protocol_levels()
+    for protocol, shift in (("finetune", 0.0), ("probe", 1.0)):
+        cells = rows[protocol]
+        assert cells[3] == "0 1 2"
+        assert cells[4].startswith(f"{levels[(protocol, 'scratch_unet')].mean(axis=1).mean():.2f}")
+        assert cells[5].startswith(f"{levels[(protocol, 'ddpm')].mean(axis=1).mean():.2f}")
+        assert cells[7] == f"{shift:.2f}"
+    assert rows["finetune"][8] == "p = 1.000"  # identical errors: no difference
+    assert rows["probe"][8] == "p < 0.001"
+    assert rows["probe"][9].rstrip(" |") == str(len(PROTOCOL_SEEDS) * len(PROTOCOL_IMAGES))
