@@ -1,4 +1,4 @@
-"""``landmark-bench``: evaluate, annotations, finetune, pretrain, samples, sweep, leaderboard, ablation."""
+"""``landmark-bench``: evaluate, annotations, predict, finetune, pretrain, samples, sweep, leaderboard, ablation."""
 
 from __future__ import annotations
 
@@ -66,6 +66,20 @@ def cmd_annotations(args: argparse.Namespace) -> None:
     records = get_reader(args.dataset, args.data_dir, **reader_options(args)).records(args.split)
     write_csv(Path(args.out), predictions_frame(records, np.stack([record.landmarks for record in records])))
     print(f"wrote {len(records)} images to {args.out}")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    """A run's detector on a folder of images or on a dataset split; a split with annotations is scored too."""
+    from landmark_bench.evaluation import evaluate_predictions
+    from landmark_bench.predict import predict
+
+    records = predict(args.run_path, Path(args.out), images=args.images, dataset=args.dataset, split=args.split,
+                      data_dir=args.data_dir, reader_options=reader_options(args), overlays=args.overlays,
+                      batch_size=args.batch_size, spacing=args.spacing, accelerator=args.accelerator)
+    print(f"wrote predictions of {len(records)} images to {args.out}")
+    if args.dataset:
+        result = evaluate_predictions(Path(args.out), records)
+        print(format_metrics(result, f"{args.run_path} on {args.dataset} {args.split}"))
 
 
 def settings_overrides(args: argparse.Namespace) -> dict:
@@ -178,6 +192,21 @@ def build_parser() -> argparse.ArgumentParser:
     annotations.add_argument("--ground-truth", choices=["mean", "senior", "junior"])
     annotations.add_argument("--out", required=True)
     annotations.set_defaults(run=cmd_annotations)
+
+    predict = commands.add_parser("predict", help="apply a fine-tuned run to a folder of images or a dataset split")
+    predict.add_argument("run_path", metavar="RUN", help="a fine-tune run folder, or its checkpoints/best.ckpt")
+    source = predict.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", help="folder of PNG, JPEG or TIFF images (ids: file names without suffix)")
+    source.add_argument("--dataset", help="a dataset with the run's landmarks")
+    predict.add_argument("--split", default="test")
+    predict.add_argument("--data-dir")
+    predict.add_argument("--ground-truth", choices=["mean", "senior", "junior"])
+    predict.add_argument("--out", required=True, help="predictions CSV (image_id,landmark,x,y,ere,unit)")
+    predict.add_argument("--overlays", help="folder for one heatmap overlay PNG per input")
+    predict.add_argument("--batch-size", type=integer, help="default: the run's")
+    predict.add_argument("--spacing", type=float, help="mm per pixel of the --images, for ERE in mm")
+    predict.add_argument("--accelerator", default="auto")
+    predict.set_defaults(run=cmd_predict)
 
     finetune = commands.add_parser("finetune", help="fine-tune one method on a few-shot subset and evaluate it")
     finetune.add_argument("--method", required=True)
