@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from landmark_bench.data.cache import cache_folder, cached_images
 from landmark_bench.data.datamodule import LandmarkDataModule, UnlabeledDataModule, few_shot_ids, parse_shots
-from landmark_bench.data.readers import ISBI_LANDMARK_NAMES, Aasce2019Reader, DataError, Isbi2015Reader
+from landmark_bench.data.readers import ISBI_LANDMARK_NAMES, Aasce2019Reader, DataError, Isbi2015Reader, decode_grey
 from landmark_bench.data.registry import get_reader
 from landmark_bench.data.transforms import Augment, pixel_to_normalised, warp
 
@@ -245,3 +246,12 @@ def test_wrong_layout_and_missing_folder(small_isbi, tmp_path):
         get_reader("isbi2015", tmp_path / "nowhere")
     with pytest.raises(ValueError, match="valid datasets: isbi2015, aasce2019, hand, chest, phantom"):
         get_reader("mnist", small_isbi)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_sixteen_bit_images_are_stretched_not_clipped(tmp_path: Path, suffix: str) -> None:
+    twelve_bit = np.array([[0, 1000], [2000, 4095]], dtype=np.uint16)  # a 12-bit X-ray stored in 16 bits
+    path = tmp_path / f"xray{suffix}"
+    Image.fromarray(twelve_bit).save(path)
+    assert Image.open(path).mode.startswith("I")
+    np.testing.assert_array_equal(decode_grey(path), np.rint(twelve_bit / 4095 * 255).astype(np.uint8))

@@ -53,11 +53,24 @@ def image_size(path: Path) -> tuple[int, int]:
     return height, width
 
 
+# One-channel modes deeper than 8 bits (16-bit PNG/TIFF exports, 32-bit integer or float TIFF).
+HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
 def decode_grey(path: Path) -> np.ndarray:
-    """Decode an image fully to (H, W) uint8; truncated or corrupt files raise :class:`DataError`."""
+    """Decode an image fully to (H, W) uint8; truncated or corrupt files raise :class:`DataError`.
+
+    An image deeper than 8 bits is stretched from its own minimum to its maximum, since X-ray exports use only part
+    of the 16-bit range (often 12 bits) and PIL's own conversion would clip everything above 255 to white.
+    """
     try:
         with Image.open(path) as image:
             image.load()
+            if image.mode in HIGH_DEPTH_MODES:
+                values = np.asarray(image, dtype=np.float64)
+                low, high = values.min(), values.max()
+                scaled = (values - low) / (high - low) * 255 if high > low else np.zeros_like(values)
+                return np.rint(scaled).astype(np.uint8)
             return np.asarray(image.convert("L"))
     except FileNotFoundError:
         raise DataError(f"image file {path} is missing") from None
