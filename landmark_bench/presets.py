@@ -126,7 +126,8 @@ SSL_PRETRAIN: dict[str, dict[str, dict]] = {
         "dino": {"resolution": [160, 128], "batch_size": 32, "max_steps": 200, "warmup_steps": 20, "lr": 1e-3,
                  "weight_decay": 0.04, "head_hidden_dim": 1024, "bottleneck_dim": 256, "output_dim": 1024,
                  "warmup_teacher_temp": 0.04, "teacher_temp": 0.04, "teacher_temp_warmup_steps": 0,
-                 "freeze_last_layer_steps": 20, "base_momentum": 0.9, "views": _CPU_MULTI_CROP},
+                 "freeze_last_layer_steps": 20, "base_momentum": 0.9, "head_batch_norm": False,
+                 "center_momentum": 0.9, "views": _CPU_MULTI_CROP},
     },
     "paper": {
         "simclr": {"resolution": [320, 256], "batch_size": 128, "max_steps": 5000, "warmup_steps": 500, "lr": 1e-3,
