@@ -2,10 +2,12 @@
 
 A fine-tune job is done when its run folder holds ``run.json`` (written atomically, last); it failed when
 its ``status.json`` says so. ``results.csv`` is rebuilt from the run folders after every job, one row per
-finished job, so a sweep killed at any point and started again neither loses nor repeats a row.
+finished job, so a sweep killed at any point and started again neither loses nor repeats a row. Each job is
+claimed (``claims``) before it runs, so sweeps started on one folder at once share the work: each runs what no
+other live process holds and waits for the rest, and both end with the full results.
 
 ``planning`` holds the jobs, what each waits for and the cost model; ``launchers`` runs them; ``results`` turns
-run folders into rows. This module ties them together.
+run folders into rows; ``claims`` says which process runs which job. This module ties them together.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from landmark_bench.io import write_json
+from landmark_bench.sweep.claims import Claims
 from landmark_bench.sweep.launchers import LAUNCHERS, Schedule, make_launcher, run_subprocess
 from landmark_bench.sweep.planning import (
     FinetuneJob, Job, PretrainJob, by_priority, describe, estimate_seconds, estimated_wall_seconds, needs_of, plan,
@@ -81,5 +84,6 @@ def run_sweep(
         if isinstance(job, FinetuneJob):
             write_results(out, finetunes, None)
 
-    runner.run(Schedule(by_priority(pretraining, finetunes), needs_of(pretraining), progress))
+    with Claims(out / "claims") as claims:
+        runner.run(Schedule(by_priority(pretraining, finetunes), needs_of(pretraining), progress, claims))
     return write_results(out, finetunes, data_dir)

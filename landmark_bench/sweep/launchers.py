@@ -6,10 +6,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from threading import Condition
 
@@ -17,10 +19,12 @@ from landmark_bench.finetune import finetune
 from landmark_bench.io import write_json
 from landmark_bench.pretrain import pretrain
 from landmark_bench.runs import USER_ERRORS, threads_per_process
+from landmark_bench.sweep.claims import Claims, alive
 from landmark_bench.sweep.planning import Job, Needs, PretrainJob
 
 SUBMITIT_CLUSTERS = {"slurm": "slurm", "submitit-local": "local", "submitit-debug": "debug"}
 LAUNCHERS = ("inprocess", "local", *SUBMITIT_CLUSTERS)
+POLL_SECONDS = 1.0  # how often a sweep looks whether jobs another process runs have ended
 
 
 def job_arguments(job: Job, data_dir: str | None, group: str, devices: int) -> list[str]:
@@ -74,12 +78,16 @@ def run_subprocess(job: Job, data_dir: str | None, group: str, slot: str, cpu_sl
 class Schedule:
     """The jobs not done yet, in the given (priority) order, each to start once the job it ``needs`` finished;
     shared by the launchers so that a job whose needed job failed in this run is recorded as failed without
-    running, whichever launcher runs the sweep."""
+    running, whichever launcher runs the sweep.
 
-    def __init__(self, jobs: list[Job], needs: Needs, on_finish: Callable[[Job], None]) -> None:
+    A job is claimed before it runs; one that another live process holds (a second sweep on the same folder) is
+    set aside and waited for rather than run twice, and what needs it waits with it."""
+
+    def __init__(self, jobs: list[Job], needs: Needs, on_finish: Callable[[Job], None], claims: Claims) -> None:
         self.pending = [job for job in jobs if job.state() != "done"]
-        self.needs, self.on_finish = needs, on_finish
+        self.needs, self.on_finish, self.claims = needs, on_finish, claims
         self.finished: set[str] = set()
+        self.elsewhere: list[Job] = []
 
     def blocked(self, job: Job) -> bool | None:
         """None: may run; True: its needed job failed; False: must wait for it."""
@@ -89,27 +97,77 @@ class Schedule:
         return needed.out in self.finished
 
     def skipped(self, job: Job) -> bool:
-        """True, having recorded the job as failed and reported it, when the job it needs failed."""
+        """True, having recorded the job as failed, when the job it needs failed."""
         if not self.blocked(job):
             return False
         needed = self.needs(job)
         Path(job.out).mkdir(parents=True, exist_ok=True)
         write_json(Path(job.out) / "status.json",
                    {"status": "failed", "reason": f"pretraining {needed.method} failed, see {needed.out}"})
-        self.on_finish(job)
         return True
+
+    def claimed(self, job: Job) -> bool:
+        """Whether this process is to run the job, holding its claim until ``ended``: not when another live
+        process holds it (set aside, and said so), nor when another process finished it since this one planned,
+        nor when the job it needs failed (recorded as failed, and ended)."""
+        owner = self.claims.claim(job.out)
+        if owner is not None:
+            print(f"{Path(job.out).name}: running in another process (pid {owner.get('pid')} on host "
+                  f"{owner.get('host')}), waiting", flush=True)
+            self.elsewhere.append(job)
+            return False
+        if job.state() == "done":
+            self.claims.release(job.out)
+            self.finished.add(job.out)
+            return False
+        if self.skipped(job):
+            self.ended(job)
+            return False
+        return True
+
+    def ended(self, job: Job) -> None:
+        """Release the job's claim (its folder records its end by now) and report it."""
+        self.claims.release(job.out)
+        self.finished.add(job.out)
+        self.on_finish(job)
+
+    def run(self, job: Job, work: Callable[[], object]) -> None:
+        """Run the job with ``work`` if this process is to; ended even if ``work`` raises, so none waits for it
+        forever."""
+        if self.claimed(job):
+            try:
+                work()
+            finally:
+                self.ended(job)
+
+    def poll(self) -> None:
+        """Jobs set aside that their other process ended count as finished here, as it recorded them (done or
+        failed); one whose owner died first is pending again, to be taken over."""
+        for job in list(self.elsewhere):
+            state, owner = job.state(), self.claims.owner(job.out)
+            if state != "done" and owner is not None and alive(owner):
+                continue
+            self.elsewhere.remove(job)
+            if state == "done" or (state == "failed" and owner is None):
+                self.finished.add(job.out)
+            else:
+                self.pending.insert(0, job)
 
     def first_ready(self) -> Job | None:
         """The first pending job that need not wait (it may run, or is to be recorded as failed)."""
+        self.poll()
         return next((job for job in self.pending if self.blocked(job) is not False), None)
 
     def waves(self) -> Iterator[list[Job]]:
-        """What is ready, then what that unblocked, until nothing is pending."""
-        while self.pending:
+        """What is ready, then what that unblocked, until nothing is pending or running in another process."""
+        while self.pending or self.elsewhere:
+            self.poll()
             wave = [job for job in self.pending if self.blocked(job) is not False]
+            if not wave:  # all that is left waits for jobs other processes run
+                time.sleep(POLL_SECONDS)
+                continue
             self.pending = [job for job in self.pending if job not in wave]
             yield wave
-            self.finished.update(job.out for job in wave)
 
 
 @dataclass
@@ -133,9 +191,7 @@ class InProcess(Launcher):
     def run(self, schedule: Schedule) -> None:
         for wave in schedule.waves():
             for job in wave:
-                if not schedule.skipped(job):
-                    execute(job, self.data_dir, self.group, self.devices)
-                    schedule.on_finish(job)
+                schedule.run(job, partial(execute, job, self.data_dir, self.group, self.devices))
 
 
 @dataclass
@@ -152,17 +208,14 @@ class LocalSlots(Launcher):
             while True:
                 with changed:
                     while (job := schedule.first_ready()) is None:
-                        if not schedule.pending:
+                        if not schedule.pending and not schedule.elsewhere:
                             return
-                        changed.wait()
+                        changed.wait(POLL_SECONDS)  # woken by a slot whose job ended, or to poll other processes
                     schedule.pending.remove(job)
                 try:
-                    if not schedule.skipped(job):
-                        run_subprocess(job, self.data_dir, self.group, slot, len(self.slots))
-                        schedule.on_finish(job)
+                    schedule.run(job, partial(run_subprocess, job, self.data_dir, self.group, slot, len(self.slots)))
                 finally:  # wake the other slots even if this one fails, so none waits forever
                     with changed:
-                        schedule.finished.add(job.out)
                         changed.notify_all()
 
         with ThreadPoolExecutor(max_workers=len(self.slots)) as pool:
@@ -181,9 +234,9 @@ class Submitit(Launcher):
 
     def run(self, schedule: Schedule) -> None:
         for wave in schedule.waves():
-            ready = [job for job in wave if not schedule.skipped(job)]
+            ready = [job for job in wave if schedule.claimed(job)]
             if ready:
-                self.submit(ready, schedule.on_finish)
+                self.submit(ready, schedule.ended)
 
     def submit(self, jobs: list[Job], on_finish: Callable[[Job], None]) -> None:
         import submitit
