@@ -45,5 +45,9 @@ benchmark: $(VENV)/.installed ## sweep METHODS x PROTOCOLS x DATASETS x SHOTS x 
 		--launcher $(LAUNCHER) $(if $(filter local,$(LAUNCHER)),--slots $(SLOTS),) \
 		$(if $(strip $(SET)),--set $(SET),) $(if $(CONFIG),--config $(CONFIG),)
 
+.PHONY: gpu-check
+gpu-check: $(VENV)/.installed ## time each method's training steps on this GPU (a CPU: a tiny smoke run), append the paper sweep's GPU-hours to benchmarks/RESULTS.md
+	$(PY) -m benchmarks.gpu_check
+
 clean: ## remove the virtual environment and caches (not the data cache in ~/.cache/landmark_bench)
 	rm -rf $(VENV) .pytest_cache

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from landmark_bench.runs import code_version
+
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
@@ -28,16 +30,20 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def report(title: str, table: str, notes: str = "", append: bool = True) -> None:
-    """Print the table and append it to RESULTS.md with the command, machine and date."""
-    # The scripts import ``benchmarks.common``: run them as modules from the repository root, in the venv.
+def command_line() -> str:
+    """This script's command as run from the repository root (the scripts import ``benchmarks.common``, so they
+    run as modules, in the venv)."""
     module = "benchmarks." + Path(sys.argv[0]).stem
-    command = " ".join([".venv/bin/python", "-m", module, *(shlex.quote(arg) for arg in sys.argv[1:])])
+    return " ".join([".venv/bin/python", "-m", module, *(shlex.quote(arg) for arg in sys.argv[1:])])
+
+
+def report(title: str, table: str, notes: str = "", append: bool = True, path: Path = RESULTS) -> None:
+    """Print the table and append it to ``path`` (RESULTS.md) with the command, commit, machine and date."""
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    section = f"\n### {title}\n\n`{command}`  \n{stamp}; {machine()}\n\n{table}\n"
+    section = f"\n### {title}\n\n`{command_line()}`  \n{stamp}; commit {code_version()}; {machine()}\n\n{table}\n"
     if notes:
         section += f"\n{notes}\n"
     print(section)
     if append:
-        with RESULTS.open("a") as stream:
+        with Path(path).open("a") as stream:
             stream.write(section)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,7 @@ _DDPM = {
     "paper": {"resolution": [320, 256], "crop_size": 256, "held_out_fraction": 0.05, "batch_size": 16,
               "max_steps": 50000, "lr": 1e-4, "warmup_steps": 1000, "ema_decay": 0.9999, "lr_schedule": "cosine",
               "weight_decay": 1e-6, "num_train_timesteps": 500, "beta_schedule": "linear", "beta_start": 1e-4,
-              "beta_end": 0.028, "backbone_timestep": 200, "num_workers": 4},
+              "beta_end": 0.028, "backbone_timestep": 200, "num_workers": 4, "precision": "bf16-mixed"},
 }
 _CDPM_ALIGN = {"condition_dropout": 0.1, "align_fraction": 0.1, "align_weight": 0.1, "align_timestep_gap": None,
                "align_timestep_range": None, "align_scales": None}
@@ -180,7 +181,8 @@ PRESETS: dict[str, dict] = {
 # job, two jobs on a 2-core CPU); ``probe_step``: the mean probe wall time of the 2026-12-02 sweep (feature
 # caching and the head's steps, with the cores also loaded by the test suite: an upper figure); the other presets
 # are guesses until measured. ``pretrain_step_by_family``: the
-# cost of a pretraining method the model does not name (a user's own), its family's costliest.
+# cost of a pretraining method the model does not name (a user's own), its family's costliest. ``gpu_check``: on a
+# preset whose jobs run on a GPU, where its per-step figures were measured (``GPU_CHECK_FILE``); None: guessed.
 ESTIMATE: dict[str, dict] = {
     "tiny": {"startup": 5.0, "evaluation": {"encoder": 2.0, "diffusion": 2.0},
              "finetune_step": {"encoder": 0.1, "diffusion": 0.1}, "probe_step": {"encoder": 0.05, "diffusion": 0.05},
@@ -193,8 +195,31 @@ ESTIMATE: dict[str, dict] = {
     "paper": {"startup": 30.0, "evaluation": {"encoder": 30.0, "diffusion": 60.0},
               "finetune_step": {"encoder": 0.05, "diffusion": 0.1}, "probe_step": {"encoder": 0.01, "diffusion": 0.01},
               "pretrain_step": {"ddpm": 0.1, "cdpm_align": 0.12, "simclr": 0.1, "moco": 0.1, "dino": 0.15},
-              "pretrain_step_by_family": {"encoder": 0.15, "diffusion": 0.12}},
+              "pretrain_step_by_family": {"encoder": 0.15, "diffusion": 0.12}, "gpu_check": None},
 }
+# Written by ``make gpu-check`` (benchmarks/gpu_check.py) after a run on a GPU: the per-step seconds it measured for a
+# preset, which replace that preset's guessed ones above, so the dry run's GPU-hours follow the hardware.
+GPU_CHECK_FILE = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.json"
+
+
+def cost_estimate(name: str) -> dict:
+    """``ESTIMATE[name]`` with the per-step seconds ``make gpu-check`` measured for preset ``name`` on a GPU, if it is
+    a GPU preset and the check has run (``gpu_check`` then says where and when); a check file that cannot be read is
+    an error, not a silent guess."""
+    estimate = copy.deepcopy(ESTIMATE[name])
+    if "gpu_check" not in estimate or not GPU_CHECK_FILE.is_file():
+        return estimate
+    try:
+        check = json.loads(GPU_CHECK_FILE.read_text())
+        if check["preset"] != name:
+            return estimate
+        for key, measured in check["per_step_seconds"].items():
+            estimate[key].update(measured)
+        estimate["gpu_check"] = check["measured"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"GPU check file {GPU_CHECK_FILE} cannot be read ({error!r}): run `make gpu-check` on a "
+                         "GPU again or delete it") from None
+    return estimate
 
 
 def leaf_keys(tree: dict, prefix: str = "") -> list[str]:
@@ -277,6 +302,6 @@ def get_preset(name: str, overrides: dict[str, Any] | None = None, pretrain_defa
     """
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
-    settings = copy.deepcopy({**PRESETS[name], "estimate": ESTIMATE[name]})
+    settings = copy.deepcopy({**PRESETS[name], "estimate": cost_estimate(name)})
     settings["pretrain"] = {**copy.deepcopy(pretrain_defaults or {}), **settings["pretrain"]}
     return apply_overrides(settings, overrides or {})

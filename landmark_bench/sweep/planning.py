@@ -154,4 +154,19 @@ def describe(pretraining: list[PretrainJob], finetunes: list[FinetuneJob], slots
     lines.append(f"{len(pretraining)} pretrainings, {len(finetunes)} fine-tunes and probes, {done} done; "
                  f"estimated remaining job time {total / 60:.1f} min, about {wall / 60:.1f} min of wall time on "
                  f"{slots} slot(s)")
-    return "\n".join(lines)
+    jobs = [*pretraining, *finetunes]
+    gpu_hours = gpu_hours_line(jobs[0], total) if jobs else None
+    return "\n".join([*lines, gpu_hours] if gpu_hours else lines)
+
+
+def gpu_hours_line(job: Job, seconds: float) -> str | None:
+    """For a GPU preset, the job time as GPU-hours (one GPU a job) and whether its step costs were measured or
+    guessed, so nobody books a cluster on a guess unawares; None for a CPU preset."""
+    estimate = preset_settings(job.preset, job.overrides)["estimate"]
+    if "gpu_check" not in estimate:
+        return None
+    measured = estimate["gpu_check"]
+    source = (f"per-step costs measured by `make gpu-check` on {measured['device']} ({measured['date']}, commit "
+              f"{measured['commit']}; start-up and evaluation guessed)" if measured else
+              "an estimate: the per-step costs are guessed, not measured (run `make gpu-check` on a GPU)")
+    return f"preset {job.preset}: about {seconds / 3600:.1f} GPU-hours of remaining jobs, one GPU a job; {source}"
