@@ -1,4 +1,5 @@
-"""``landmark-bench``: evaluate, annotations, predict, finetune, pretrain, samples, sweep, leaderboard, ablation."""
+"""``landmark-bench``: evaluate, annotations, predict, finetune, pretrain, samples, sweep, leaderboard, ablation,
+robustness."""
 
 from __future__ import annotations
 
@@ -162,6 +163,16 @@ def cmd_ablation(args: argparse.Namespace) -> None:
         atomic_write_text(Path(args.out), text)
 
 
+def cmd_robustness(args: argparse.Namespace) -> None:
+    """A sweep's runs on seeded perturbations of their test split (another device or clinic)."""
+    from landmark_bench.robustness import robustness
+
+    out = Path(args.out) if args.out else Path(args.sweep_dir) / "robustness.md"
+    print(robustness(args.sweep_dir, out, perturbations=args.perturbations, methods=args.methods, seeds=args.seeds,
+                     data_dir=args.data_dir, accelerator=args.accelerator))
+    print(f"wrote {out} and {out.with_suffix('.csv')}")
+
+
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", nargs="+", metavar="KEY=VALUE",
                         help="preset settings by dotted key, e.g. finetune.lr=5e-4 pretrain.ddpm.max_steps=2000 "
@@ -275,6 +286,17 @@ def build_parser() -> argparse.ArgumentParser:
     ablation.add_argument("--split", default="test")
     ablation.add_argument("--out", help="also write the Markdown table here")
     ablation.set_defaults(run=cmd_ablation)
+    robust = commands.add_parser("robustness", help="a sweep's runs on seeded perturbations of the test split "
+                                 "(field of view, rotation, contrast and gamma, noise)")
+    robust.add_argument("sweep_dir")
+    robust.add_argument("--perturbations", nargs="+", help="default: all (crop_top zoom_in zoom_out shift rotate "
+                        "contrast_gamma noise)")
+    robust.add_argument("--methods", nargs="+", help="default: every done method with a detector")
+    robust.add_argument("--seeds", nargs="+", type=integer, default=[0, 1], help="perturbation seeds")
+    robust.add_argument("--data-dir", help="default: the sweep's (sweep.json)")
+    robust.add_argument("--out", help="Markdown table (default SWEEP_DIR/robustness.md); the rows go beside it (.csv)")
+    robust.add_argument("--accelerator", default="auto")
+    robust.set_defaults(run=cmd_robustness)
     return parser
 
 
