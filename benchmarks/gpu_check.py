@@ -39,7 +39,7 @@ from landmark_bench.methods import (
     FAMILIES, PROTOCOLS, build_backbone, family_of, get_method, method_names, preset_settings,
 )
 from landmark_bench.models.detector import LandmarkDetector
-from landmark_bench.presets import GPU_CHECK_FILE, parse_assignments
+from landmark_bench.presets import GPU_CHECK_FILE, finetune_settings, parse_assignments
 from landmark_bench.pretrain import DEFAULT_PRETRAINING_DATASETS, RUN_KEYS
 from landmark_bench.runs import code_version
 from landmark_bench.sweep.planning import PretrainJob, estimate_seconds, plan
@@ -194,7 +194,7 @@ def finetuning(method: str, protocol: str, settings: dict, dataset: str, data_di
                checkpoint: str | None, args: argparse.Namespace) -> Timing:
     """Time the detector ``finetune()`` trains under ``protocol``, and one validation pass (the second: a probe
     caches its validation features in the first, as in the sweep)."""
-    cfg = {**settings["finetune"], **({"augment": False} if protocol == "probe" else {})}
+    cfg = {**finetune_settings(settings, dataset), **({"augment": False} if protocol == "probe" else {})}
     datamodule = LandmarkDataModule(
         dataset=dataset, data_dir=data_dir, shots=SHOTS[0], seed=0, resolution=cfg["resolution"],
         batch_size=cfg["batch_size"], sigma=cfg["sigma"], augment=cfg["augment"],

@@ -28,7 +28,7 @@ from landmark_bench.methods import build_backbone, family_of, get_method, method
 from landmark_bench.methods.ddpm import DDPMPretrain
 from landmark_bench.methods.momentum import MomentumPretrainer
 from landmark_bench.models.detector import LandmarkDetector
-from landmark_bench.presets import get_preset
+from landmark_bench.presets import finetune_settings, get_preset
 from landmark_bench.pretrain import RUN_KEYS
 
 # fine-tuning rows: the detector with the ImageNet encoder, and with the ddpm UNet (the diffusion rows' backbone)
@@ -50,7 +50,7 @@ def unet_checkpoint(preset: str, data_dir: str, folder: Path) -> str:
 def build(method: str, preset: str, data_dir: str, dataset: str, channels_last: bool | None = None):
     settings = get_preset(preset)
     if method in FINETUNE:
-        cfg = settings["finetune"]
+        cfg = finetune_settings(settings, dataset)
         datamodule = LandmarkDataModule(dataset, data_dir, shots=10, seed=0, resolution=cfg["resolution"],
                                         batch_size=cfg["batch_size"], sigma=cfg["sigma"],
                                         samples_per_epoch=cfg["batch_size"] * 10_000)

@@ -123,7 +123,8 @@ def cmd_samples(args: argparse.Namespace) -> None:
     if not hasattr(method, "sample_grid_from_checkpoint"):
         raise ValueError(f"checkpoint {args.checkpoint} is a {method.name!r} pretraining, which does not generate images")
     path = method.sample_grid_from_checkpoint(args.checkpoint, args.out, guidance_scale=args.guidance_scale,
-                                              num_inference_steps=args.steps)
+                                              num_inference_steps=args.steps,
+                                              size=tuple(args.size) if args.size else None)
     print(f"wrote {path}")
 
 
@@ -134,17 +135,23 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     results = run_sweep(overrides=settings_overrides(args), out=args.out, methods=args.methods, datasets=args.datasets, shots=args.shots, seeds=args.seeds,
                         preset=args.preset, data_dir=args.data_dir, launcher=args.launcher, slots=args.slots,
                         pretrain_datasets=args.pretrain_datasets, dry_run=args.dry_run, slurm=slurm,
-                        devices=args.devices, collect=args.collect, protocols=args.protocols)
+                        devices=args.devices, collect=args.collect, protocols=args.protocols,
+                        eval_datasets=args.eval_datasets)
     if results is not None:
         publish_leaderboard(Path(args.out))
 
 
 def publish_leaderboard(sweep_dir: Path) -> None:
-    from landmark_bench.leaderboard import build_leaderboard
+    """The leaderboard and, where the sweep scored its detectors on other datasets, the generalisation table."""
+    from landmark_bench.leaderboard import build_generalisation, build_leaderboard
+    from landmark_bench.sweep.generalisation import GENERALISATION_CSV
     from landmark_bench.tracking import log_leaderboard
 
     paths = build_leaderboard(sweep_dir / "results.csv", sweep_dir / "leaderboard")
     print(Path(paths["markdown"]).read_text())
+    if (sweep_dir / GENERALISATION_CSV).is_file():
+        paths.update(build_generalisation(sweep_dir / GENERALISATION_CSV, sweep_dir / "leaderboard"))
+        print(Path(paths["generalisation_markdown"]).read_text())
     log_leaderboard(sweep_dir, paths)
     print("files:\n" + "\n".join(f"  {name}: {path}" for name, path in paths.items()))
 
@@ -254,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     samples.add_argument("--guidance-scale", type=float, default=3.0,
                          help="classifier-free guidance of a conditional UNet (1 = none)")
     samples.add_argument("--steps", type=integer, default=50, help="DDIM steps")
+    samples.add_argument("--size", type=integer, nargs=2, metavar=("H", "W"),
+                         help="sample size (default: the pretraining crop), e.g. the fine-tuning resolution")
     samples.set_defaults(run=cmd_samples)
     sweep = commands.add_parser("sweep", help="methods x datasets x shots x seeds, resumable, then the leaderboard")
     sweep.add_argument("--methods", nargs="+", required=True)
@@ -266,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--data-dir")
     sweep.add_argument("--out", required=True)
     sweep.add_argument("--pretrain-datasets", nargs="+", help="default: isbi2015 aasce2019 hand chest (phantom: itself)")
+    sweep.add_argument("--eval-datasets", nargs="+", metavar="NAME",
+                       help="also score every fine-tuned detector on these datasets' test splits (same landmarks as "
+                            "the trained-on datasets): the generalisation table beside the leaderboard")
     sweep.add_argument("--launcher", default="inprocess", help="inprocess, local, slurm, submitit-local, submitit-debug")
     sweep.add_argument("--slots", nargs="+", help="local launcher: cuda:0 cuda:1 ... (or cpu cpu for CPU processes)")
     sweep.add_argument("--slurm", nargs="*", help="slurm launcher parameters, e.g. slurm_partition=gpu gpus_per_node=1")

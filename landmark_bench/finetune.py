@@ -13,7 +13,10 @@ from landmark_bench.data.datamodule import LandmarkDataModule, parse_shots
 from landmark_bench.evaluation import LandmarkEvaluation
 from landmark_bench.methods import PROTOCOLS, build_backbone, family_of, get_method, method_names, preset_settings
 from landmark_bench.models.detector import LandmarkDetector, MeanShapeReference
-from landmark_bench.runs import code_version, config_hash, record_json, run_lifecycle, share_cores
+from landmark_bench.presets import finetune_settings
+from landmark_bench.runs import (
+    AnnouncedCheckpointIO, code_version, config_hash, record_json, run_lifecycle, share_cores,
+)
 from landmark_bench.tracking import finish, run_loggers
 
 
@@ -59,7 +62,7 @@ def finetune(
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed must be an integer, not {seed!r}")
     settings = preset_settings(preset, overrides)
-    cfg = settings["finetune"]
+    cfg = finetune_settings(settings, dataset)
     if protocol == "probe":
         cfg["augment"] = False
     out = Path(out or Path("runs") / run_dir_name(method, dataset, shots, seed, protocol))
@@ -89,7 +92,7 @@ def finetune(
             trainer_args = dict(accelerator=accelerator, devices=devices, logger=loggers,
                                 default_root_dir=out, enable_model_summary=False, num_sanity_val_steps=0,
                                 precision=cfg["precision"], deterministic=cfg["deterministic"],
-                                enable_progress_bar=cfg["progress_bar"])
+                                enable_progress_bar=cfg["progress_bar"], plugins=[AnnouncedCheckpointIO()])
             train_started = time.perf_counter()
             if family is None:  # the reference row: the few-shot subset's mean shape
                 model = MeanShapeReference.from_training_set(datamodule.datasets["train"].landmarks_net,

@@ -12,6 +12,9 @@ difference, with a paired Wilcoxon test), so that the pretraining is never confo
 architecture; where a sweep ran both protocols (``finetune``: whole network trained; ``probe``: backbone
 frozen, light head trained) a side-by-side table puts the two next to each other, since fine-tuning on a
 few images can wash out what a probe shows the pretraining taught.
+
+Across datasets: each method's rank per dataset and its mean rank (MREs of different datasets are not on one scale,
+ranks are); and, from a sweep run with ``--eval-datasets``, the generalisation table (trained on A, scored on B).
 """
 
 from __future__ import annotations
@@ -450,9 +453,10 @@ def _side_by_side_notes(group: list[Table]) -> list[str]:
 
 
 def markdown(tables: list[Table]) -> str:
-    """The protocols side by side first (where there are several), then every table in full; the reference
-    row sits last, labelled, below the methods."""
-    parts = ["# Leaderboard\n"]
+    """The methods' mean ranks across datasets first (where the tables cover several), then the protocols side by
+    side (where there are several), then every table in full; the reference row sits last, labelled, below the
+    methods."""
+    parts = ["# Leaderboard\n", *across_datasets_markdown(rank_across_datasets(tables))]
     for group in _protocol_groups(tables):
         unit = group[0].unit or "?"
         header = ["Method"] + [name for table in group
@@ -709,6 +713,132 @@ def plot_overlays(results: pd.DataFrame, path: Path, shots: str | None = None, s
     return path
 
 
+def rank_across_datasets(tables: list[Table]) -> pd.DataFrame:
+    """Per (protocol, shots) that several datasets have: each method's MRE on each dataset's pooled test split (mean
+    and std over seeds), its rank there (1 = lowest MRE among the complete methods, ties share their mean rank),
+    and its mean rank over the datasets, only where it is ranked on every one of them.
+
+    MREs of different datasets are in different units and scales, ranks are not: they are what can be averaged."""
+    columns = ["protocol", "shots", "method", "dataset", "split", "unit", "mre_mean", "mre_std", "rank"]
+    protocols = protocol_order({table.protocol for table in tables})
+    cells = sorted({(table.protocol, table.shots) for table in tables},
+                   key=lambda cell: (protocols.index(cell[0]), shots_sort_key(cell[1])))
+    rows = []
+    for protocol, shots in cells:
+        chosen = [table for table in tables if table.protocol == protocol and table.shots == shots]
+        datasets = sorted({table.dataset for table in chosen})
+        if len(datasets) < 2:
+            continue
+        for dataset in datasets:
+            of_dataset = [table for table in chosen if table.dataset == dataset]
+            table = next(table for table in of_dataset if table.split == _pooled_split(of_dataset))
+            methods = table.rows[~table.rows["reference"]]
+            ranks = methods["mre_mean"].rank(method="average")
+            rows.extend({"protocol": protocol, "shots": shots, "method": row.method, "dataset": dataset,
+                         "split": table.split, "unit": table.unit, "mre_mean": row.mre_mean, "mre_std": row.mre_std,
+                         "rank": rank} for row, rank in zip(methods.itertuples(), ranks))
+    frame = pd.DataFrame(rows, columns=columns)
+    ranked = frame.groupby(["protocol", "shots", "method"])["rank"]
+    everywhere = ranked.transform("count") == frame.groupby(["protocol", "shots"])["dataset"].transform("nunique")
+    frame["mean_rank"] = ranked.transform("mean").where(everywhere)
+    return frame
+
+
+def across_datasets_markdown(ranks: pd.DataFrame) -> list[str]:
+    """A section per (protocol, shots) of ``rank_across_datasets``: methods by mean rank, each dataset's MRE with
+    the method's rank there."""
+    parts = []
+    for (protocol, shots), cell in ranks.groupby(["protocol", "shots"], sort=False):
+        datasets = list(dict.fromkeys(cell["dataset"]))
+        units = cell.groupby("dataset")["unit"].first()
+        mean_rank = cell.groupby("method")["mean_rank"].first()
+        order = method_order(cell["method"])
+        methods = sorted(order, key=lambda method: (mean_rank.fillna(math.inf)[method], order.index(method)))
+        header = ["Method", "Mean rank", *[f"{dataset} MRE ({units[dataset] or '?'})" for dataset in datasets]]
+        shots_label = "all training images" if shots == "all" else f"{shots} shots"
+        lines = [f"## Across datasets: {protocol}, {shots_label}", "", "| " + " | ".join(header) + " |",
+                 "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+        for method in methods:
+            mine = cell[cell["method"] == method].set_index("dataset")
+            cells = [method, _fmt(mean_rank[method])]
+            for dataset in datasets:
+                row = mine.loc[dataset] if dataset in mine.index else None
+                ranked = row is not None and pd.notna(row["rank"])
+                cells.append(f"{_fmt(row['mre_mean'], row['mre_std'])} ({row['rank']:g})" if ranked else "–")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", "- MRE: mean ± std (sample std) over seeds on each dataset's test split (pooled where it has "
+                  "several), the method's rank there in brackets (1 = lowest MRE among the complete methods; ties "
+                  "share their mean rank). Mean rank: over the datasets, for a method ranked on every one of them.",
+                  "- –: no complete result on that dataset (see its table).", ""]
+        parts.append("\n".join(lines))
+    return parts
+
+
+def _cross_order(table: pd.DataFrame) -> list[int]:
+    """Rows by shots, method and protocol order, then trained-on dataset, its own test split first."""
+    methods, protocols = method_order(table["method"]), protocol_order(table["protocol"])
+    keys = [(shots_sort_key(shots), methods.index(method), protocols.index(protocol), trained, evaluated != trained,
+             evaluated) for shots, method, protocol, trained, evaluated
+            in table[["shots", "method", "protocol", "dataset", "eval_dataset"]].itertuples(index=False)]
+    return sorted(range(len(keys)), key=keys.__getitem__)
+
+
+def generalisation_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per (shots, method, protocol, trained-on, evaluated-on) of the sweep's per-run cross-dataset scores:
+    MRE mean and sample std over seeds; a cell with fewer seeds than the most any cell of its shots has is
+    incomplete, never averaged over the seeds that happened to finish."""
+    runs = runs.assign(shots=runs["shots"].map(_normalise_shots))
+    table = runs.groupby(["shots", "method", "protocol", "dataset", "eval_dataset"], sort=False).agg(
+        split=("split", "first"), unit=("unit", "first"), n_seeds=("seed", "nunique"), mre_mean=("mre", "mean"),
+        mre_std=("mre", "std")).reset_index()
+    table["n_expected"] = table.groupby("shots")["n_seeds"].transform("max")
+    table["incomplete"] = table["n_seeds"] < table["n_expected"]
+    table.loc[table["incomplete"], ["mre_mean", "mre_std"]] = math.nan
+    table = table.iloc[_cross_order(table)].reset_index(drop=True)
+    columns = ["shots", "method", "protocol", "dataset", "eval_dataset", "split", "unit", "n_seeds", "n_expected",
+               "incomplete", "mre_mean", "mre_std"]
+    return table[columns].rename(columns={"dataset": "trained_on", "eval_dataset": "evaluated_on"})
+
+
+def generalisation_markdown(table: pd.DataFrame) -> str:
+    """A table per shots: a row per (method, protocol), a column per trained-on → evaluated-on pair."""
+    parts = ["# Generalisation across datasets\n"]
+    for shots, cell in table.groupby("shots", sort=False):
+        pairs = list(dict.fromkeys(zip(cell["trained_on"], cell["evaluated_on"])))
+        units = cell.groupby(["trained_on", "evaluated_on"])["unit"].first()
+        header = ["Method", "Protocol", *[f"{trained} → {evaluated} ({units[trained, evaluated]})"
+                                          for trained, evaluated in pairs]]
+        shots_label = "all training images" if shots == "all" else f"{shots} shots"
+        lines = [f"## {shots_label}: MRE", "", "| " + " | ".join(header) + " |",
+                 "|" + "|".join(["---", "---"] + ["---:"] * len(pairs)) + "|"]
+        for (method, protocol), rows in cell.groupby(["method", "protocol"], sort=False):
+            by_pair = rows.set_index(["trained_on", "evaluated_on"])
+            cells = [method, protocol]
+            for pair in pairs:
+                row = by_pair.loc[pair] if pair in by_pair.index else None
+                cells.append("–" if row is None else f"incomplete ({row['n_seeds']}/{row['n_expected']})"
+                             if row["incomplete"] else _fmt(row["mre_mean"], row["mre_std"]))
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", "- MRE on the evaluated-on dataset's test split (pooled where it has several), mean ± std "
+                  "(sample std) over seeds. A → A is the run's own test score; A → B its detector applied to B by "
+                  "`landmark-bench predict`. Reference rows without a detector (mean_shape) are not scored.", ""]
+        parts.append("\n".join(lines))
+    return "\n".join(parts)
+
+
+def build_generalisation(runs_csv: str | Path, out_dir: str | Path) -> dict[str, Path]:
+    """Write ``generalisation.md`` and ``generalisation.csv`` (the table, tidy) into ``out_dir`` from a sweep's
+    per-run cross-dataset scores; returns their paths by name."""
+    runs = pd.read_csv(runs_csv, dtype={"method": str, "protocol": str, "dataset": str, "eval_dataset": str,
+                                        "shots": str, "split": str, "unit": str})
+    table = generalisation_table(runs)
+    paths = {"generalisation_markdown": Path(out_dir) / "generalisation.md",
+             "generalisation_csv": Path(out_dir) / "generalisation.csv"}
+    atomic_write_text(paths["generalisation_markdown"], generalisation_markdown(table))
+    write_csv(paths["generalisation_csv"], table)
+    return paths
+
+
 def tidy(tables: list[Table]) -> pd.DataFrame:
     """One row per (dataset, split, shots, protocol, method); SDR columns of every dataset's thresholds side by side
     (empty where a dataset has other thresholds), each in threshold order."""
@@ -727,9 +857,9 @@ def build_leaderboard(results_csv: str | Path, out_dir: str | Path, expected_see
     """Write ``leaderboard.md``, ``leaderboard.tex``, ``leaderboard.csv`` and the figures into ``out_dir``.
 
     ``expected_seeds`` defaults to the most seeds any method has rows for in a (dataset, shots) cell.
-    Returns the written paths by name (``markdown``, ``latex``, ``csv``, ``mre_vs_shots_<dataset>``,
-    ``ere_vs_shots_<dataset>``, ``gain_vs_control_<dataset>_<shots>shots``, ``overlays``); a figure with
-    nothing to show is not written.
+    Returns the written paths by name (``markdown``, ``latex``, ``csv``, ``across_datasets`` (the mean ranks, where
+    the results cover several datasets), ``mre_vs_shots_<dataset>``, ``ere_vs_shots_<dataset>``,
+    ``gain_vs_control_<dataset>_<shots>shots``, ``overlays``); a figure with nothing to show is not written.
     """
     out_dir = Path(out_dir)
     results = read_results(results_csv)
@@ -739,6 +869,9 @@ def build_leaderboard(results_csv: str | Path, out_dir: str | Path, expected_see
     atomic_write_text(paths["markdown"], markdown(tables))
     atomic_write_text(paths["latex"], latex(tables))
     write_csv(paths["csv"], tidy(tables))
+    if not (ranks := rank_across_datasets(tables)).empty:
+        paths["across_datasets"] = out_dir / "across_datasets.csv"
+        write_csv(paths["across_datasets"], ranks)
     for dataset in sorted({table.dataset for table in tables}):
         for metric in ("mre", "ere"):
             name = f"{metric}_vs_shots_{dataset}"

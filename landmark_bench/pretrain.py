@@ -14,7 +14,9 @@ from landmark_bench.checkpoints import read_checkpoint
 from landmark_bench.data.datamodule import UnlabeledDataModule
 from landmark_bench.io import atomic_write
 from landmark_bench.methods import get_method, method_names, preset_settings
-from landmark_bench.runs import code_version, config_hash, record_json, run_lifecycle, share_cores
+from landmark_bench.runs import (
+    AnnouncedCheckpointIO, code_version, config_hash, record_json, run_lifecycle, share_cores,
+)
 from landmark_bench.tracking import finish, run_loggers
 
 DEFAULT_PRETRAINING_DATASETS = ("isbi2015", "aasce2019", "hand", "chest")
@@ -80,7 +82,7 @@ def pretrain(
             periodic = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0,
                                        every_n_train_steps=max(1, cfg["max_steps"] // 10))
             trainer = L.Trainer(max_steps=cfg["max_steps"], max_epochs=-1, accelerator=accelerator, devices=devices,
-                                logger=loggers, callbacks=[periodic],
+                                logger=loggers, callbacks=[periodic], plugins=[AnnouncedCheckpointIO()],
                                 enable_model_summary=False, enable_progress_bar=False, default_root_dir=out,
                                 precision=cfg.get("precision", "32-true"))
             last = out / "checkpoints" / "last.ckpt"

@@ -15,13 +15,15 @@ import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
+from lightning.pytorch.plugins import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
 from landmark_bench.checkpoints import CheckpointError
 from landmark_bench.data.readers import DataError
-from landmark_bench.io import write_json
+from landmark_bench.io import reached, write_json
 
 # What a user can get wrong (data, checkpoint, setting) as opposed to a bug: reported in one line, not a traceback.
 USER_ERRORS = (DataError, CheckpointError, ValueError, FileNotFoundError, FloatingPointError)
@@ -57,6 +59,15 @@ def code_version() -> str:
 
 def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class AnnouncedCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, announcing each checkpoint once written (``reached``: its file name), so that
+    an interruption test kills a run right after, say, its fifth ``last.ckpt``."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        super().save_checkpoint(checkpoint, path, storage_options)
+        reached(Path(path).name)
 
 
 def clear_stale_temp_files(out: Path) -> None:

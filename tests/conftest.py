@@ -1,13 +1,59 @@
-"""Shared fixtures: the real data folder and a per-session image cache."""
+"""Shared fixtures: the real data folder, a per-session image cache, and commands run in a forked process."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import signal
+import sys
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import pytest
 
+from landmark_bench.io import KILL_AT
+
 REPO = Path(__file__).resolve().parents[1]
+DEADLINE_S = 300  # below pytest's own timeout (pyproject.toml), so that a hung command fails its test here
+
+
+class ForkedCommands:
+    """``landmark-bench ARGS`` in forked copies of the test process (no new interpreter: no seconds of imports per
+    start), each told by ``LANDMARK_BENCH_KILL_AT`` where to kill itself: interruption tests stop a command at a
+    point the code names rather than after a sleep timed for one machine."""
+
+    def start(self, args: list[str], kill_at: str | None = None, log: Path | None = None) -> BaseProcess:
+        def command() -> None:
+            import torch
+
+            from landmark_bench.cli import main
+
+            torch.set_num_threads(1)  # a forked child cannot use its parent's OpenMP pool (it hangs)
+            if kill_at:
+                os.environ[KILL_AT] = kill_at
+            if log is not None:
+                stream = log.open("w", buffering=1)
+                for descriptor in (1, 2):
+                    os.dup2(stream.fileno(), descriptor)
+                sys.stdout = sys.stderr = stream
+            sys.exit(main(args))
+
+        process = multiprocessing.get_context("fork").Process(target=command)
+        process.start()
+        return process
+
+    def wait(self, process: BaseProcess) -> int:
+        """The command's exit code (``-SIGKILL`` when it was killed at its point)."""
+        process.join(DEADLINE_S)
+        if process.exitcode is None:
+            process.kill()
+            process.join()
+            pytest.fail(f"command still running after {DEADLINE_S} s")
+        return process.exitcode
+
+    def kill_at(self, args: list[str], point: str) -> None:
+        """Run the command to ``point``, where it must die."""
+        assert self.wait(self.start(args, point)) == -signal.SIGKILL, f"{args} ended before reaching {point}"
 
 
 @pytest.fixture(scope="session")
@@ -36,3 +82,8 @@ def tiny_runs(tmp_path_factory: pytest.TempPathFactory, image_cache: Path) -> di
     out = tmp_path_factory.mktemp("tiny-runs")
     return {method: finetune(method=method, dataset="phantom", shots=10, seed=0, preset="tiny", out=out / method)
             for method in ("mean_shape", "scratch")}
+
+
+@pytest.fixture(scope="session")
+def forked() -> ForkedCommands:
+    return ForkedCommands()

@@ -297,6 +297,10 @@ def test_samples_command_renders_a_checkpoint_with_guidance_and_refuses_a_non_ge
     assert main(["samples", "--checkpoint", str(path), "--out", str(guided), "--steps", "3"]) == 0
     assert imread(unguided).shape == imread(guided).shape
     assert not np.array_equal(imread(unguided), imread(guided))  # guidance moves the conditional rows
+    tall = tmp_path / "tall.png"  # e.g. the fine-tuning resolution: portrait samples from the crop-trained UNet
+    assert main(["samples", "--checkpoint", str(path), "--out", str(tall), "--steps", "2", "--size", "32", "16"]) == 0
+    height, width = imread(tall).shape[:2]
+    assert height / width > 1.5 * imread(guided).shape[0] / imread(guided).shape[1]
     foreign = tmp_path / "foreign.ckpt"
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     checkpoint[METHOD_KEY] = "simclr"

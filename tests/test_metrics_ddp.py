@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -47,12 +46,14 @@ def _evaluate(indices: list[int]) -> tuple[dict, dict]:
     return metrics.compute(), {"index": table.index, "error": table.error, "ere": table.ere, "pred": table.pred}
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, out_dir: str) -> None:
     # a forked child cannot use the OpenMP pool of a parent that already ran torch ops (it hangs);
     # one thread per child, as DataLoader workers do
     torch.set_num_threads(1)
+    # the ranks meet through a file, not a port: a free port picked here could be taken before the ranks bind it
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=WORKER_DEADLINE_S)
+        "gloo", init_method=f"file://{Path(out_dir) / 'rendezvous'}", rank=rank, world_size=WORLD_SIZE,
+        timeout=timedelta(seconds=WORKER_DEADLINE_S),
     )
     try:
         sampler = DistributedSampler(range(NUM_SAMPLES), num_replicas=WORLD_SIZE, rank=rank, shuffle=True, seed=3)
@@ -63,17 +64,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_ddp_result_equals_single_process_exactly(tmp_path: Path) -> None:
     # fork, not spawn: the children inherit the imported torch/torchmetrics instead of spending
     # several CPU-seconds each importing them again
     context = mp.start_processes(
-        _worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=False, start_method="fork"
+        _worker, args=(str(tmp_path),), nprocs=WORLD_SIZE, join=False, start_method="fork"
     )
     deadline = time.monotonic() + WORKER_DEADLINE_S
     while not context.join(timeout=1):

@@ -5,10 +5,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -18,53 +14,35 @@ from landmark_bench.checkpoints import CheckpointError, read_checkpoint
 from landmark_bench.cli import main
 from landmark_bench.data.datamodule import LandmarkDataModule
 from landmark_bench.finetune import finetune
-from landmark_bench.sweep import FinetuneJob, run_subprocess
+from landmark_bench.sweep import FinetuneJob, run_subprocess, run_sweep
 
-CLI = [sys.executable, "-m", "landmark_bench.cli"]
+SWEEP = ["sweep", "--methods", "mean_shape", "--datasets", "phantom", "--shots", "1", "5", "--seeds", "0", "1",
+         "--preset", "tiny"]
 
 
-def test_sweep_killed_at_five_points_keeps_every_row_once(tmp_path):
-    command = [*CLI, "sweep", "--methods", "mean_shape", "--datasets", "phantom", "--shots", "1", "5", "10", "25", "50",
-               "--seeds", "0", "1", "2", "3", "--preset", "tiny", "--out", str(tmp_path)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    kills = 0
-    for point in range(8):  # each time in the middle of the next job, or between a job and its row
-        if kills == 5:
-            break
-        started = len(list(tmp_path.glob("runs/*/status.json")))
-        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        while time.time() < deadline and len(list(tmp_path.glob("runs/*/status.json"))) <= started:
-            time.sleep(0.01)
-        time.sleep(0.03 * (point % 4))  # short: a warm machine finishes a tiny mean_shape job in ~0.2 s
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGKILL)
-            kills += 1
-        process.wait()
+def test_sweep_killed_at_five_points_keeps_every_row_once(tmp_path, forked):
+    """Killed before anything, as a job starts, as one ends (status done, run.json not yet in place), inside the
+    results.csv write, and in the middle of the third job; each start goes on from what the last one left."""
+    command = [*SWEEP, "--out", str(tmp_path)]
+    for point in ("sweep.json", "status.json", "run.json", "results.csv", "metrics.json#2"):
+        forked.kill_at(command, point)
         if (tmp_path / "results.csv").exists():  # never a torn file, never a duplicate
-            partial = pd.read_csv(tmp_path / "results.csv")
-            assert not partial.duplicated(["method", "shots", "seed"]).any()
-    assert kills == 5
-    assert subprocess.run(command, env=env, capture_output=True, timeout=600).returncode == 0
-    rows = pd.read_csv(tmp_path / "results.csv")
-    assert len(rows) == 20 and not rows.duplicated(["method", "shots", "seed"]).any() and (rows.status == "done").all()
-    assert not list(tmp_path.rglob("*.tmp"))
+            assert not pd.read_csv(tmp_path / "results.csv").duplicated(["method", "shots", "seed"]).any()
+        killed_writes = list(tmp_path.glob(".results.csv.*.tmp"))
+        assert bool(killed_writes) == (point == "results.csv")  # the next start removed it
+    rows = run_sweep(out=tmp_path, methods=["mean_shape"], datasets=["phantom"], shots=[1, 5], seeds=[0, 1],
+                     preset="tiny")
+    assert len(rows) == 4 and not rows.duplicated(["method", "shots", "seed"]).any() and (rows.status == "done").all()
+    assert not list(tmp_path.rglob("*.tmp")) and not list((tmp_path / "claims").iterdir())
 
 
-def test_killed_pretraining_resumes_from_its_last_checkpoint(tmp_path):
-    command = [*CLI, "pretrain", "--method", "ddpm", "--datasets", "phantom", "--preset", "tiny", "--out", str(tmp_path)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = tmp_path / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 300
-    while time.time() < deadline and not last.is_file():
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert last.is_file() and not (tmp_path / "pretrained.ckpt").exists()
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert finished.returncode == 0, finished.stderr[-2000:]
+def test_killed_pretraining_resumes_from_its_last_checkpoint(tmp_path, forked):
+    command = ["pretrain", "--method", "ddpm", "--datasets", "phantom", "--preset", "tiny", "--out", str(tmp_path)]
+    forked.kill_at(command, "last.ckpt#5")  # the tiny preset saves it every step
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file() and not (tmp_path / "pretrained.ckpt").exists()
+    assert main(command) == 0
     record = json.loads((tmp_path / "run.json").read_text())
-    assert record["resumed_from_step"] > 0 and record["steps"] == record["pretrain"]["max_steps"]
+    assert record["resumed_from_step"] == 5 and record["steps"] == record["pretrain"]["max_steps"]
     assert read_checkpoint(tmp_path / "pretrained.ckpt", "ddpm")["global_step"] == record["steps"]
 
 

@@ -13,6 +13,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
 
+from lightly.loss import DINOLoss
+
 from landmark_bench.checkpoints import CheckpointError
 from landmark_bench.data.datamodule import UnlabeledDataModule
 from landmark_bench.methods import dino, get_method, moco, simclr
@@ -378,3 +380,39 @@ def test_dino_leaves_its_uniform_plateau(trained):
     assert record["learned"], record["summary"]
     # Not by collapsing onto one output: the images' targets differ (the batch-mean target is the flatter one).
     assert record["last_teacher_batch_entropy"] > record["last_teacher_entropy"] + 0.5, record
+
+
+def test_dino_cross_view_entropy_is_lightlys_loss_for_the_same_targets():
+    """The Sinkhorn-Knopp path scores its targets with exactly DINO's loss (every teacher view against every other
+    student view), so only the targets differ between the two centerings."""
+    torch.manual_seed(0)
+    teacher, student = torch.randn(2, 8, 32), torch.randn(4, 8, 32)
+    expected = DINOLoss(output_dim=32, student_temp=0.1)(list(teacher), list(student), teacher_temp=0.04)
+    targets = torch.softmax(teacher / 0.04, dim=-1)
+    assert dino.cross_view_entropy(targets, student, student_temp=0.1) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_dino_sinkhorn_targets_spread_the_batch_over_the_outputs():
+    """DINOv2's centering: every image a distribution, the batch as a whole spread evenly over the K outputs, even
+    when every image's logits are nearly the same (where mean-centering gives near-uniform targets)."""
+    model, _ = build("dino", max_steps=1, centering="sinkhorn")
+    torch.manual_seed(0)
+    logits = 0.5 + 0.05 * torch.randn(64, 128)
+    targets = model.teacher_targets(logits, teacher_temp=0.02)
+    assert targets.sum(dim=-1) == pytest.approx(torch.ones(64), abs=1e-5)
+    assert targets.mean(dim=0) == pytest.approx(torch.full((128,), 1 / 128), rel=0.2)
+    per_image = -(targets * targets.clamp_min(1e-12).log()).sum(dim=-1).mean()
+    assert per_image < math.log(128) - 1.0
+    with pytest.raises(ValueError, match="centering must be one of"):
+        build("dino", max_steps=1, centering="median")
+
+
+def test_dino_with_sinkhorn_and_koleo_learns_without_collapse(tmp_path):
+    """DINOv2's two changes: slower to leave ln K than the BatchNorm-head variant on the phantom, hence twice the
+    steps, but on real X-rays the variant that does not collapse (results/selection/ssl.md)."""
+    model, trainer, _, _ = train("dino", tmp_path, steps=2 * TRAIN_STEPS, centering="sinkhorn", koleo_weight=0.1,
+                                 head_batch_norm=False, warmup_teacher_temp=0.02, teacher_temp=0.02)
+    record = model.health_record(None)
+    assert record["learned"], record["summary"]
+    assert record["last_teacher_batch_entropy"] > record["last_teacher_entropy"] + 0.5, record
+    assert "train/koleo" in trainer.callback_metrics

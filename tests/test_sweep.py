@@ -3,25 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import submitit
 
 from landmark_bench.cli import main
+from landmark_bench.io import KILL_AT, KILL_SIGNAL
 from landmark_bench.sweep import by_priority, estimated_wall_seconds, needs_of, plan, run_sweep
 
 SWEEP = ["--methods", "mean_shape", "scratch", "--datasets", "phantom", "--shots", "5", "--seeds", "0", "1",
          "--preset", "tiny"]
-
-
-def sweep_command(out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "landmark_bench.cli", "sweep", *SWEEP, "--out", str(out), *extra]
 
 
 def assert_rows_exactly_once(out: Path) -> pd.DataFrame:
@@ -51,18 +44,11 @@ def test_tiny_sweep_end_to_end_with_leaderboard(tmp_path, capsys):
     assert "4 done; estimated remaining job time 0.0 min, about 0.0 min of wall time" in capsys.readouterr().out
 
 
-def test_sigkilled_sweep_resumes_with_every_row_once(tmp_path):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(sweep_command(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 600
-    while time.time() < deadline and not list((tmp_path / "runs").glob("scratch-*/checkpoints/best.ckpt")):
-        time.sleep(0.2)
-    os.kill(process.pid, signal.SIGKILL)  # mid-way through a fine-tune, after some rows were written
-    process.wait()
-    partial = pd.read_csv(tmp_path / "results.csv") if (tmp_path / "results.csv").exists() else pd.DataFrame()
-    assert len(partial) < 4
-    finished = subprocess.run(sweep_command(tmp_path), env=env, capture_output=True, text=True, timeout=900)
-    assert finished.returncode == 0, finished.stdout[-3000:]
+def test_sigkilled_sweep_resumes_with_every_row_once(tmp_path, forked):
+    forked.kill_at(["sweep", *SWEEP, "--out", str(tmp_path)], "best.ckpt")  # in the middle of the first training
+    assert not (tmp_path / "results.csv").exists() or len(pd.read_csv(tmp_path / "results.csv")) < 4
+    run_sweep(out=tmp_path, methods=["mean_shape", "scratch"], datasets=["phantom"], shots=[5], seeds=[0, 1],
+              preset="tiny")
     assert_rows_exactly_once(tmp_path)
 
 
@@ -75,11 +61,32 @@ def test_two_local_slots_run_jobs_concurrently(tmp_path):
     assert any(start < previous_end for (_, previous_end), (start, _) in zip(spans, spans[1:])), spans
 
 
-def test_submitit_launcher_runs_the_jobs(tmp_path):
-    results = run_sweep(out=tmp_path, methods=["mean_shape"], datasets=["phantom"], shots=[5], seeds=[0, 1],
+def test_submitit_job_preempted_mid_pretraining_is_requeued_and_resumes(tmp_path, monkeypatch):
+    """Preempted as SLURM does it (submitit's signal) right after its fifth checkpoint, the pretraining is requeued
+    and goes on from that checkpoint; the sweep ends with every row once and each job's logs in its run folder."""
+    monkeypatch.setenv(KILL_AT, "last.ckpt#5")  # requeued, it resumes at step 5 and saves three more: preempted once
+    monkeypatch.setenv(KILL_SIGNAL, "USR2")
+    results = run_sweep(out=tmp_path, methods=["ddpm"], datasets=["phantom"], shots=[5], seeds=[0], preset="tiny",
+                        launcher="submitit-local")
+    assert len(results) == 1 and (results.status == "done").all()
+    pretraining = tmp_path / "pretrain" / "ddpm"
+    record = json.loads((pretraining / "run.json").read_text())
+    assert record["resumed_from_step"] == 5 and record["steps"] == record["pretrain"]["max_steps"]
+    log = "".join(path.read_text() for path in (pretraining / "submitit").glob("*_log.*"))
+    assert "this job is preempted" in log and "Requeued job" in log, log
+    for run in [pretraining, *map(Path, results.run_dir)]:
+        assert list((run / "submitit").glob("*_0_log.out")), run
+
+
+def test_submitit_job_killed_outright_is_recorded_failed_with_its_logs(tmp_path, monkeypatch):
+    """A job that dies without a word (killed, out of memory) is recorded failed, saying where its logs are."""
+    monkeypatch.setenv(KILL_AT, "config.json")  # written by the job, never by the sweep
+    monkeypatch.setattr(submitit.core.core.Job, "_results_timeout_s", 0)  # no result is coming: no wait for one
+    results = run_sweep(out=tmp_path, methods=["mean_shape"], datasets=["phantom"], shots=[5], seeds=[0],
                         preset="tiny", launcher="submitit-local")
-    assert len(results) == 2 and (results.status == "done").all()
-    assert list((tmp_path / "submitit").glob("*_result.pkl")) or list((tmp_path / "submitit").glob("*"))
+    (reason,) = results.reason
+    assert (results.status == "failed").all() and "has not produced any output" in reason, reason
+    assert Path(reason.partition("logs: ")[2].partition(",")[0]).is_file(), reason
 
 
 @pytest.mark.parametrize("launcher", ["inprocess", "local"])

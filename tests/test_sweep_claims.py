@@ -13,7 +13,7 @@ import pandas as pd
 
 from landmark_bench.io import write_json
 from landmark_bench.sweep import run_sweep
-from landmark_bench.sweep.claims import HOST, STALE_SECONDS, Claims
+from landmark_bench.sweep.claims import HOST, STALE_SECONDS, Claims, clear_dead_writers_temp_files
 
 JOBS = {"ddpm", *(f"{method}-phantom-5shot-seed{seed}" for method in ("scratch", "ddpm") for seed in (0, 1))}
 
@@ -25,16 +25,14 @@ def dead_pid() -> int:
     return int(ended.stdout)
 
 
-def test_two_sweeps_on_one_folder_share_the_work_and_train_each_run_once(tmp_path):
+def test_two_sweeps_on_one_folder_share_the_work_and_train_each_run_once(tmp_path, forked):
     out, logs = tmp_path / "sweep", [tmp_path / "first.log", tmp_path / "second.log"]
-    command = [sys.executable, "-m", "landmark_bench.cli", "sweep", "--methods", "scratch", "ddpm", "--datasets",
-               "phantom", "--shots", "5", "--seeds", "0", "1", "--preset", "tiny", "--out", str(out)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    sweeps = [subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT) for log in logs]
-    for sweep in sweeps:
-        sweep.wait(timeout=900)
+    command = ["sweep", "--methods", "scratch", "ddpm", "--datasets", "phantom", "--shots", "5", "--seeds", "0", "1",
+               "--preset", "tiny", "--out", str(out)]
+    sweeps = [forked.start(command, log=log) for log in logs]
+    codes = [forked.wait(sweep) for sweep in sweeps]
     outputs = [log.read_text() for log in logs]
-    assert [sweep.returncode for sweep in sweeps] == [0, 0], [output[-3000:] for output in outputs]
+    assert codes == [0, 0], [output[-3000:] for output in outputs]
     ran = [re.findall(r"\] done: (\S+)", output) for output in outputs]  # a progress line for each job it ran
     assert sorted(ran[0] + ran[1]) == sorted(JOBS), ran
     waits = [re.findall(r"(\S+): running in another process \(pid (\d+) on host (\S+)\), waiting", output)
@@ -78,3 +76,18 @@ def test_claims_of_live_owners_hold_and_silent_ones_go_stale(tmp_path):
     assert Claims(tmp_path / "claims").claim(job)["pid"] == os.getpid()  # held: another sweep of this host waits for it
     claims.release(job)
     assert not list((tmp_path / "claims").iterdir())  # nothing left, not even what a take-over moved aside
+
+
+def test_a_sweep_start_removes_only_the_temp_files_of_dead_writers(tmp_path):
+    """What a sweep killed while writing results.csv left goes; what a live sweep is still writing stays."""
+    temps = {owner: tmp_path / f".results.csv.{owner}.k2x8_q0.tmp"
+             for owner in (f"{dead_pid()}@{HOST}", f"{os.getpid()}@{HOST}", f"{dead_pid()}@another-host")}
+    for temp in temps.values():
+        temp.write_text("method,shots\n")
+    dead, live, elsewhere = temps.values()
+    clear_dead_writers_temp_files(tmp_path)
+    assert not dead.exists() and live.exists() and elsewhere.exists()  # a pid of another host says nothing here
+    silent = time.time() - STALE_SECONDS - 60
+    os.utime(elsewhere, (silent, silent))
+    clear_dead_writers_temp_files(tmp_path)
+    assert not elsewhere.exists() and live.exists()

@@ -281,7 +281,7 @@ def load_backbone(
 @torch.no_grad()
 def save_sample_grid(
     module: DDPMPretrain, path: str | Path, num_per_condition: int = 4, num_inference_steps: int = 50, seed: int = 0,
-    guidance_scale: float = 3.0, step: int | None = None,
+    guidance_scale: float = 3.0, step: int | None = None, size: tuple[int, int] | None = None,
 ) -> Path:
     """Save a PNG of images sampled by the EMA UNet: one row per dataset condition and one for ∅ (or one
     unconditional row for ``ddpm``), labelled, so a run's generative quality can be checked by eye.
@@ -290,7 +290,8 @@ def save_sample_grid(
     (trained with condition dropout) samples with classifier-free guidance at ``guidance_scale``
     (ε∅ + w·(ε_c − ε∅); the ∅ row is unguided), which is how such a model is meant to be sampled and what
     makes the per-dataset conditions tell apart. ``step``: the training step named in the title (default: the
-    module's own).
+    module's own). ``size``: (h, w) of the samples, default the UNet's square ``sample_size`` (the pretraining
+    crop); the fine-tuning resolution shows whether a UNet trained on crops also learned the image's layout.
     """
     unet = module.ema_unet.module
     was_training = unet.training
@@ -298,9 +299,9 @@ def save_sample_grid(
     scheduler = DDIMScheduler.from_config(module.noise_scheduler.config)
     scheduler.set_timesteps(num_inference_steps)
     conditions = module.sample_conditions()
-    size = unet.config.sample_size
+    height, width = size or (unet.config.sample_size, unet.config.sample_size)
     generator = torch.Generator().manual_seed(seed)
-    sample = torch.randn((len(conditions) * num_per_condition, 1, size, size), generator=generator).to(module.device)
+    sample = torch.randn((len(conditions) * num_per_condition, 1, height, width), generator=generator).to(module.device)
     class_labels = null_labels = None
     if module.conditional:
         indices = [index for _, index in conditions for _ in range(num_per_condition)]
@@ -315,7 +316,8 @@ def save_sample_grid(
     unet.train(was_training)
     images = ((sample.clamp(-1, 1) + 1) / 2).float().cpu().numpy()[:, 0]
 
-    figure = Figure(figsize=(1.6 * num_per_condition + 1.2, 1.6 * len(conditions)))
+    figure = Figure(figsize=(1.6 * num_per_condition * max(1.0, width / height) + 1.2,
+                             1.6 * len(conditions) * max(1.0, height / width)))
     axes = figure.subplots(len(conditions), num_per_condition, squeeze=False)
     for row, (label, _) in enumerate(conditions):
         for column in range(num_per_condition):
@@ -326,7 +328,7 @@ def save_sample_grid(
         axes[row, 0].set_ylabel(label)
     guidance = f", guidance {guidance_scale:g}" if module.conditional else ""
     step = module.global_step if step is None else step
-    figure.suptitle(f"{module.name}: EMA samples, step {step}, DDIM {num_inference_steps}{guidance}")
+    figure.suptitle(f"{module.name}: EMA samples {height}x{width}, step {step}, DDIM {num_inference_steps}{guidance}")
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,8 @@ preset, see ``results/selection/ssl.md``): with momentum 0.99 or more the teache
 network it started as, whose targets on a fresh encoder are near-uniform, so the student only learns to
 copy them and the loss sits at ``ln(output_dim)``. A low loss alone does not prove learning either: a
 teacher that gives every image the same few outputs also scores well, which is why the teacher's
-entropies are logged (``log_teacher_entropies``) and reported in the health record.
+entropies are logged (``log_teacher_entropies``) and reported in the health record. DINOv2's two answers to
+collapse are settings: Sinkhorn-Knopp centering (``centering="sinkhorn"``) and the KoLeo term (``koleo_weight``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from typing import Any
 import lightning.pytorch as L
 import torch
 import torch.nn as nn
-from lightly.loss import DINOLoss
+import torch.nn.functional as F
+from lightly.loss import DINOLoss, KoLeoLoss
+from lightly.loss.swav_loss import sinkhorn
 from lightly.models.modules import DINOProjectionHead
 from lightly.models.utils import deactivate_requires_grad
 from lightly.utils.scheduler import linear_warmup_schedule
@@ -40,6 +43,17 @@ METHOD = "dino"
 # Nats by which the batch-mean teacher target must be flatter than the per-image ones for a low loss to count as
 # learning: below it, every image gets nearly the same target (a collapse onto a few outputs).
 MIN_TARGET_SPREAD = 0.5
+CENTERINGS = ("mean", "sinkhorn")
+
+
+def cross_view_entropy(targets: Tensor, student_out: Tensor, student_temp: float) -> Tensor:
+    """DINO's loss for given teacher targets ``(T, B, K)`` and student logits ``(S, B, K)``: the mean
+    cross-entropy over every (teacher view, student view) pair but a view with itself."""
+    log_probs = F.log_softmax(student_out / student_temp, dim=-1)
+    pair_losses = -torch.einsum("tbk,sbk->ts", targets, log_probs)
+    pair_losses.fill_diagonal_(0)
+    pairs = pair_losses.numel() - min(pair_losses.shape)
+    return pair_losses.sum() / (pairs * targets.shape[1])
 
 
 @register
@@ -71,12 +85,16 @@ class DINO(MomentumPretrainer):
         teacher_temp: float = 0.07,
         teacher_temp_warmup_steps: int = 0,
         center_momentum: float = 0.9,
+        centering: str = "mean",
+        koleo_weight: float = 0.0,
         base_momentum: float = 0.996,
         final_momentum: float = 1.0,
         lr: float = 1e-3,
         weight_decay: float = 0.04,
         warmup_steps: int = 0,
     ) -> None:
+        if centering not in CENTERINGS:
+            raise ValueError(f"dino: centering must be one of {CENTERINGS}, got {centering!r}")
         super().__init__(
             encoder=encoder,
             max_steps=max_steps,
@@ -103,6 +121,7 @@ class DINO(MomentumPretrainer):
         deactivate_requires_grad(self.teacher_head)
         self.teacher_encoder = momentum_copy(self.encoder)
         self.criterion = DINOLoss(output_dim=output_dim, student_temp=student_temp, center_momentum=center_momentum)
+        self.koleo = KoLeoLoss()
         self.teacher_entropies: dict[str, float] = {}
 
     @property
@@ -124,29 +143,50 @@ class DINO(MomentumPretrainer):
         with torch.no_grad():
             teacher_out = self.teacher_head(pooled_representation(self.teacher_encoder, global_views))
         # Global and local crops differ in size: one student pass per size.
-        student_out = [self.projection_head(self(global_views))]
+        student_global = self(global_views)
+        student_out = [self.projection_head(student_global)]
         if len(views) > 2:
             student_out.append(self.projection_head(self(torch.cat(views[2:]))))
         teacher_temp = self.teacher_temperature(self.global_step)
-        self.log_teacher_entropies(teacher_out, teacher_temp)
-        loss = self.criterion(
-            teacher_out=list(teacher_out.chunk(2)),
-            student_out=list(torch.cat(student_out).chunk(len(views))),
-            teacher_temp=teacher_temp,
-        )
+        targets = self.teacher_targets(teacher_out, teacher_temp)
+        self.log_teacher_entropies(targets)
+        student_out = torch.cat(student_out).chunk(len(views))
+        if self.hparams.centering == "sinkhorn":
+            loss = cross_view_entropy(
+                torch.stack(targets.chunk(2)), torch.stack(student_out), self.hparams.student_temp
+            )
+        else:
+            loss = self.criterion(
+                teacher_out=list(teacher_out.chunk(2)), student_out=list(student_out), teacher_temp=teacher_temp
+            )
         self.track_loss(loss, batch_size=len(views[0]))
         self.log("train/teacher_temp", teacher_temp)
+        if self.hparams.koleo_weight:
+            # DINOv2's KoLeo term, per global crop: spreads the student's pooled features over the batch.
+            koleo = sum(self.koleo(features) for features in student_global.chunk(2)) / 2
+            self.log("train/koleo", koleo)
+            loss = loss + self.hparams.koleo_weight * koleo
         return loss
 
     @torch.no_grad()
-    def log_teacher_entropies(self, teacher_out: Tensor, teacher_temp: float) -> None:
+    def teacher_targets(self, teacher_out: Tensor, teacher_temp: float) -> Tensor:
+        """The teacher's soft targets ``(2B, K)``: DINO's centred, sharpened softmax (``centering="mean"``), or
+        DINOv2's Sinkhorn-Knopp centering (``"sinkhorn"``), which spreads every batch evenly over the K outputs, so
+        the batch cannot collapse onto a few of them, and sharpens what differs between images instead of
+        subtracting a running mean."""
+        if self.hparams.centering == "sinkhorn":
+            logits = teacher_out.float()
+            return sinkhorn(logits - logits.max(), iterations=3, epsilon=teacher_temp, gather_distributed=True)
+        return torch.softmax((teacher_out - self.criterion.center[0]) / teacher_temp, dim=-1)
+
+    @torch.no_grad()
+    def log_teacher_entropies(self, probs: Tensor) -> None:
         """DINO's two ways to fail, told apart: a loss far below ``ln K`` can also be a collapse onto one output.
 
         ``teacher_entropy`` (per image, in nats) is low when targets are sharp; ``teacher_batch_entropy``
         (of the batch-mean target) is low when every image gets the same target. Learning: the first low,
         the second high; uniform collapse: both near ``ln K``; one-output collapse: both low.
         """
-        probs = torch.softmax((teacher_out - self.criterion.center[0]) / teacher_temp, dim=-1)
         mean_probs = probs.mean(dim=0)
         self.teacher_entropies = {
             "teacher_entropy": float(-(probs * probs.clamp_min(1e-12).log()).sum(dim=-1).mean()),

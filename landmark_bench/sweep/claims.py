@@ -6,7 +6,8 @@ processes racing for a job, exactly one creates it) and holding the owner's pid,
 its own. The owner removes it when the job ends, done or failed, and touches it every ``HEARTBEAT_SECONDS`` while
 the job runs. A claim whose owner is dead is taken over, so no job stays claimed forever: on the same host when
 its pid no longer exists; on any host when it was not touched for ``STALE_SECONDS`` (a sweep that died on another
-host, a zombie, a pid reused by another program).
+host, a zombie, a pid reused by another program). The same rules tell which temp files of the sweep folder's own
+files (``results.csv``) a killed writer left, to be removed, from those a live sweep is writing.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from contextlib import suppress
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
+
+from landmark_bench.io import temp_writer
 
 HEARTBEAT_SECONDS = 60.0
 STALE_SECONDS = 30 * 60.0  # thirty missed heartbeats: generous against slow shared file systems and clock skew
@@ -62,6 +65,21 @@ def alive(record: dict) -> bool:
     if record["age"] > STALE_SECONDS:
         return False
     return record.get("host") != HOST or pid_exists(record["pid"])
+
+
+def clear_dead_writers_temp_files(folder: Path) -> None:
+    """Remove the temp files that writers killed mid-write left in a folder several sweeps write to (the sweep
+    folder's ``results.csv``), never one that a live writer, here or on another host, is still filling."""
+    for temp in folder.glob(".*.tmp"):
+        try:
+            record = {"age": time.time() - temp.stat().st_mtime}
+        except FileNotFoundError:  # renamed into place meanwhile
+            continue
+        writer = temp_writer(temp)
+        if writer is not None:
+            record.update(pid=writer[0], host=writer[1])
+        if not alive(record):
+            temp.unlink(missing_ok=True)
 
 
 def take_over(path: Path, stale: dict) -> None:

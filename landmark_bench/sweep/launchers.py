@@ -15,6 +15,8 @@ from functools import partial
 from pathlib import Path
 from threading import Condition
 
+import submitit
+
 from landmark_bench.finetune import finetune
 from landmark_bench.io import write_json
 from landmark_bench.pretrain import pretrain
@@ -222,14 +224,23 @@ class LocalSlots(Launcher):
             list(pool.map(work, self.slots))
 
 
+class Requeueable(submitit.helpers.Checkpointable):
+    """A job as submitit runs it. When the cluster preempts it or its time limit nears, submitit calls ``checkpoint``,
+    which resubmits this same job, and requeues it: it goes on from its run's last checkpoint, as the job of a
+    restarted sweep does. (A plain function is requeued when preempted, not when it times out.)"""
+
+    def __call__(self, job: Job, data_dir: str | None, group: str, devices: int) -> str:
+        return execute(job, data_dir, group, devices)
+
+
 @dataclass
 class Submitit(Launcher):
     """Each wave's ready jobs submitted together through submitit: to SLURM, or to local or debug processes that
-    behave the same way."""
+    behave the same way. Each job's submitit files (its logs, requeues included) are in its run folder's
+    ``submitit/``."""
 
     devices: int
     cluster: str
-    folder: Path
     slurm: dict
 
     def run(self, schedule: Schedule) -> None:
@@ -239,27 +250,30 @@ class Submitit(Launcher):
                 self.submit(ready, schedule.ended)
 
     def submit(self, jobs: list[Job], on_finish: Callable[[Job], None]) -> None:
-        import submitit
-
-        executor = submitit.AutoExecutor(folder=self.folder / "submitit", cluster=self.cluster)
-        executor.update_parameters(**{"timeout_min": 240, **(self.slurm if self.cluster == "slurm" else {})})
-        submitted = [(job, executor.submit(execute, job, self.data_dir, self.group, self.devices)) for job in jobs]
+        submitted = []
+        for job in jobs:
+            executor = submitit.AutoExecutor(folder=Path(job.out) / "submitit", cluster=self.cluster)
+            executor.update_parameters(**{"timeout_min": 240, **(self.slurm if self.cluster == "slurm" else {})})
+            submitted.append((job, executor.submit(Requeueable(), job, self.data_dir, self.group, self.devices)))
         for job, handle in submitted:
             try:
                 handle.result()
             except Exception as error:  # the job's own folder records the reason when it got that far
                 if job.state() != "failed":
-                    write_json(Path(job.out) / "status.json", {"status": "failed", "reason": str(error)[-2000:]})
+                    write_json(Path(job.out) / "status.json", {
+                        "status": "failed",
+                        "reason": f"submitit job {handle.job_id} failed (logs: {handle.paths.stdout}, "
+                                  f"{handle.paths.stderr.name}): {str(error)[-2000:]}"})
             on_finish(job)
 
 
-def make_launcher(name: str, data_dir: str | None, group: str, slots: list[str], folder: Path,
-                  slurm: dict | None = None, devices: int = 1) -> Launcher:
-    """The launcher of one of the ``LAUNCHERS`` names; submitit keeps its files under ``folder``."""
+def make_launcher(name: str, data_dir: str | None, group: str, slots: list[str], slurm: dict | None = None,
+                  devices: int = 1) -> Launcher:
+    """The launcher of one of the ``LAUNCHERS`` names."""
     if name == "inprocess":
         return InProcess(data_dir, group, devices)
     if name == "local":
         return LocalSlots(data_dir, group, slots)
     if name in SUBMITIT_CLUSTERS:
-        return Submitit(data_dir, group, devices, SUBMITIT_CLUSTERS[name], folder, slurm or {})
+        return Submitit(data_dir, group, devices, SUBMITIT_CLUSTERS[name], slurm or {})
     raise ValueError(f"unknown launcher {name!r}; valid launchers: {', '.join(LAUNCHERS)}")

@@ -12,6 +12,7 @@ from pathlib import Path
 from landmark_bench.data.datamodule import parse_shots
 from landmark_bench.finetune import run_dir_name
 from landmark_bench.methods import PROTOCOLS, family_of, get_method, preset_settings
+from landmark_bench.presets import finetune_settings
 from landmark_bench.pretrain import CHECKPOINT_NAME, DEFAULT_PRETRAINING_DATASETS
 
 
@@ -56,11 +57,13 @@ Needs = Callable[[Job], "PretrainJob | None"]
 
 
 def read_status(folder: Path) -> str:
-    """A job's recorded status; "pending" when it never started or died before recording one."""
+    """The recorded status of a job whose final file is missing; "pending" when it never started, died before
+    recording one, or was killed between recording "done" and writing that file."""
     try:
-        return json.loads((folder / "status.json").read_text())["status"]
+        status = json.loads((folder / "status.json").read_text())["status"]
     except (OSError, ValueError, KeyError):
         return "pending"
+    return "pending" if status == "done" else status
 
 
 def plan(
@@ -101,8 +104,8 @@ def estimate_seconds(job: Job) -> float:
         return estimate["startup"] + steps * step
     if family is None:
         return estimate["startup"]
-    step = estimate[f"{job.protocol}_step"][family]
-    return estimate["startup"] + estimate["evaluation"][family] + settings["finetune"]["max_steps"] * step
+    steps = finetune_settings(settings, job.dataset)["max_steps"]
+    return estimate["startup"] + estimate["evaluation"][family] + steps * estimate[f"{job.protocol}_step"][family]
 
 
 def by_priority(pretraining: list[PretrainJob], finetunes: list[FinetuneJob]) -> list[Job]:

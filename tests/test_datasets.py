@@ -1,0 +1,81 @@
+"""Per-dataset fine-tuning settings: AASCE 2019's tall, narrow spine X-rays get their own resolution, target width
+and batch, ISBI 2015 keeps the preset's, ``--set`` still changes either, and a fine-tune on a few real AASCE images
+runs and reports pixels."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from landmark_bench.cli import main
+from landmark_bench.data.readers import Aasce2019Reader
+from landmark_bench.data.registry import get_reader
+from landmark_bench.finetune import finetune
+from landmark_bench.presets import FINETUNE, PRESETS, finetune_settings, get_preset
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_aasce_and_isbi_resolve_to_their_own_settings(preset, data_dir):
+    settings = get_preset(preset)
+    isbi, aasce = finetune_settings(settings, "isbi2015"), finetune_settings(settings, "aasce2019")
+    assert isbi == FINETUNE[preset]
+    assert {key for key in aasce if aasce[key] != isbi[key]} == {"resolution", "sigma", "refine_window", "batch_size"}
+    height, width = aasce["resolution"]
+    assert height % 8 == 0 and width % 8 == 0  # the diffusion UNet's three halvings
+    reader = get_reader("aasce2019", data_dir)
+    aspect = np.median([record.size[0] / record.size[1] for split in ("train", "val", "test")
+                        for record in reader.records(split)])
+    assert height / width == pytest.approx(aspect, rel=0.05)
+    assert aasce["refine_window"] >= 3 * aasce["sigma"]  # the window mean stays unbiased (decode_heatmaps)
+    assert 0.8 < height * width * aasce["batch_size"] / (np.prod(isbi["resolution"]) * isbi["batch_size"]) < 1.0
+
+
+def test_set_changes_every_dataset_or_one():
+    both = get_preset("cpu", {"finetune.sigma": 3.0, "finetune.lr": 5e-4})
+    assert finetune_settings(both, "aasce2019")["sigma"] == finetune_settings(both, "isbi2015")["sigma"] == 3.0
+    assert finetune_settings(both, "aasce2019")["lr"] == 5e-4
+    one = get_preset("cpu", {"dataset_finetune.aasce2019.resolution": [320, 128], "finetune.resolution": [96, 80]})
+    assert finetune_settings(one, "aasce2019")["resolution"] == [320, 128]  # the dataset's own key wins
+    assert finetune_settings(one, "isbi2015")["resolution"] == [96, 80]
+    with pytest.raises(ValueError, match="dataset_finetune.aasce2019.sigma"):
+        get_preset("cpu", {"dataset_finetune.aasce2019.sigmaa": 1.0})
+
+
+def small_aasce(data_dir: Path, root: Path, counts: dict[str, int]) -> Path:
+    """The AASCE 2019 layout with the first ``counts[folder]`` images of each folder (linked) and their label rows."""
+    for folder, count in counts.items():
+        labels = data_dir / "aasce2019" / "labels" / folder
+        rows = zip(labels.joinpath("filenames.csv").read_text().splitlines(),
+                   labels.joinpath("landmarks.csv").read_text().splitlines())
+        kept = [(name, row) for name, row in rows if name not in Aasce2019Reader.EXCLUDED][:count]
+        images, new_labels = root / "aasce2019" / "data" / folder, root / "aasce2019" / "labels" / folder
+        images.mkdir(parents=True)
+        new_labels.mkdir(parents=True)
+        for name, _ in kept:
+            (images / name).symlink_to(data_dir / "aasce2019" / "data" / folder / name)
+        new_labels.joinpath("filenames.csv").write_text("".join(f"{name}\n" for name, _ in kept))
+        new_labels.joinpath("landmarks.csv").write_text("".join(f"{row}\n" for _, row in kept))
+    return root
+
+
+def test_tiny_finetune_on_a_few_real_aasce_images_reports_pixels(data_dir, tmp_path):
+    data = small_aasce(data_dir, tmp_path / "data", {"training": 8, "test": 3})
+    out = tmp_path / "scratch"
+    assert main(["finetune", "--method", "scratch", "--dataset", "aasce2019", "--data-dir", str(data), "--shots", "5",
+                 "--preset", "tiny", "--out", str(out), "--set", "finetune.max_steps=4", "finetune.val_every=2",
+                 "dataset_finetune.aasce2019.batch_size=2"]) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["finetune"]["resolution"] == [128, 48] and record["finetune"]["sigma"] == 1.5
+    assert record["finetune"]["batch_size"] == 2 and record["finetune"]["max_steps"] == 4
+    others = [finetune(method=method, dataset="aasce2019", data_dir=str(data), shots=5, seed=0, preset="tiny",
+                       out=tmp_path / method, overrides={"finetune.max_steps": 2, "finetune.val_every": 2})
+              for method in ("mean_shape", "scratch_unet")]  # the reference row, and the diffusion UNet at 128x48
+    for metrics in (record["metrics"], *(other["metrics"] for other in others)):
+        test = metrics["test"]
+        assert test["unit"] == "px" and test["n_images"] == 3 and np.isfinite(test["mre"])
+        assert sorted(map(float, test["sdr"])) == [5.0, 10.0, 20.0, 40.0]
+    errors = (out / "errors.csv").read_text().splitlines()
+    assert len(errors) == 1 + 3 * 68 and errors[1].endswith(",px")
