@@ -19,8 +19,9 @@ TRAIN_IDS = [f"{index:03d}" for index in range(1, 9)]  # 6 training and 2 valida
 TEST_IDS = {"Test1Data": ["151", "152", "153"], "Test2Data": ["301", "302"]}
 ISBI_SPACING = 0.1
 # float32 convolutions may take another kernel for another batch size (the run tests Test1 and Test2 in batches of
-# 3 and 2): points then differ by ~1e-7 network-grid-scaled pixels, far below anything a CSV reader would see
-ATOL_PX = 1e-6
+# 3 and 2): points then differ by up to ~1e-6 original pixels (1.0e-6 seen on a fresh machine), so the bar is
+# 1e-4 px (1e-5 mm): far below anything a CSV reader would see, far above float32 rounding of ~1000-px coordinates
+ATOL_PX = 1e-4
 
 
 def run_cli(*args: object) -> int:
