@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from landmark_bench.data.datamodule import LandmarkDataModule, parse_shots
 from landmark_bench.evaluation import LandmarkEvaluation
 from landmark_bench.methods import PROTOCOLS, build_backbone, family_of, get_method, method_names, preset_settings
-from landmark_bench.models.detector import LandmarkDetector, MeanShapeReference
+from landmark_bench.models.detector import LandmarkDetector, PROBE_BATCHNORM, MeanShapeReference, calibrate_batchnorm
 from landmark_bench.presets import finetune_settings
 from landmark_bench.runs import (
     AnnouncedCheckpointIO, code_version, config_hash, record_json, run_lifecycle, share_cores,
@@ -63,6 +63,8 @@ def finetune(
         raise ValueError(f"seed must be an integer, not {seed!r}")
     settings = preset_settings(preset, overrides)
     cfg = finetune_settings(settings, dataset)
+    if cfg["probe_batchnorm"] not in PROBE_BATCHNORM:
+        raise ValueError(f"finetune.probe_batchnorm={cfg['probe_batchnorm']!r} is not one of {', '.join(PROBE_BATCHNORM)}")
     if protocol == "probe":
         cfg["augment"] = False
     out = Path(out or Path("runs") / run_dir_name(method, dataset, shots, seed, protocol))
@@ -105,6 +107,8 @@ def finetune(
                                           timestep=cfg["diffusion_timestep"], unet=settings["unet"],
                                           diffusion_schedule=settings["pretrain"]["ddpm"],
                                           noise_input=cfg["diffusion_noise_input"])
+                if protocol == "probe" and cfg["probe_batchnorm"] == "train_split":
+                    calibrate_batchnorm(backbone, datamodule.unlabelled_training_images())
                 model = LandmarkDetector(
                     backbone=backbone, num_landmarks=datamodule.reader.num_landmarks, loss=cfg["loss"],
                     refine_window=cfg["refine_window"], lr=cfg["lr"], weight_decay=cfg["weight_decay"],

@@ -29,6 +29,10 @@ _FINETUNE_COMMON = {
     "progress_bar": False,
     "diffusion_timestep": None,  # None: the diffusion method's documented default
     "diffusion_noise_input": False,  # True: noise the image to that timestep; False: the timestep only sets the embedding
+    # probe only: where a frozen backbone's BatchNorm statistics come from. "train_split": re-estimated on the
+    # dataset's training images, labels unused, for every backbone alike (a random-init control has no statistics of
+    # its own); "pretrained": as stored (the control's placeholders switch its BatchNorm off). results/selection/probe.md
+    "probe_batchnorm": "train_split",
 }
 FINETUNE: dict[str, dict] = {
     "tiny": {**_FINETUNE_COMMON, "resolution": [80, 64], "batch_size": 4, "max_steps": 60, "warmup_steps": 5,

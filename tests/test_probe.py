@@ -9,7 +9,8 @@ import torch
 from landmark_bench.cli import main
 from landmark_bench.data.datamodule import LandmarkDataModule
 from landmark_bench.methods import CONTROLS, build_backbone, control_of, family_of, method_names
-from landmark_bench.models.detector import LandmarkDetector, ProbeHead
+from landmark_bench.finetune import finetune
+from landmark_bench.models.detector import LandmarkDetector, ProbeHead, calibrate_batchnorm
 from landmark_bench.presets import get_preset
 from landmark_bench.pretrain import pretrain
 from landmark_bench.sweep import plan
@@ -49,6 +50,69 @@ def test_probe_trains_the_head_and_leaves_every_backbone_tensor_unchanged(method
                    if tensor.is_floating_point() and name.endswith("weight"))
     # the frozen features of the few-shot images were computed once: one cache entry per training image
     assert len(model._feature_cache) == len(datamodule.datasets["train"].records)
+
+
+def _batchnorms(module: torch.nn.Module) -> list[torch.nn.BatchNorm2d]:
+    return [layer for layer in module.modules() if isinstance(layer, torch.nn.BatchNorm2d)]
+
+
+def test_calibrated_batchnorm_holds_the_exact_statistics_of_the_images_and_no_weight_moves():
+    torch.manual_seed(0)
+    backbone = build_backbone("scratch", encoder="efficientnet_lite0")
+    images = torch.rand(6, 1, 48, 40) ** 2
+    weights = {name: tensor.clone() for name, tensor in backbone.named_parameters()}
+    inputs = {}
+    hooks = [layer.register_forward_pre_hook(lambda layer, args: inputs.setdefault(layer, args[0].detach()))
+             for layer in _batchnorms(backbone.encoder)]
+    backbone.train()
+    with torch.no_grad():
+        backbone.pyramid(images)  # one batch of all six: the statistics every encoder BatchNorm should end with
+    for hook in hooks:
+        hook.remove()
+    backbone.eval()
+    calibrate_batchnorm(backbone, images, chunk_size=8)
+    assert len(inputs) == len(_batchnorms(backbone.encoder)) > 10
+    for layer, seen in inputs.items():
+        torch.testing.assert_close(layer.running_mean, seen.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(layer.running_var, seen.var((0, 2, 3)), rtol=1e-4, atol=1e-5)
+        assert layer.momentum == 0.1  # the layer's own momentum is back
+    assert not backbone.training
+    for name, tensor in backbone.named_parameters():
+        assert torch.equal(tensor, weights[name]), name
+    # chunks of near-equal size: statistics within a few percent of the one-batch ones
+    calibrate_batchnorm(backbone, images, chunk_size=4)
+    first = _batchnorms(backbone.encoder)[0]
+    torch.testing.assert_close(first.running_mean, inputs[first].mean((0, 2, 3)), rtol=0.05, atol=1e-3)
+
+
+@pytest.mark.parametrize("source", ["train_split", "pretrained"])
+def test_probe_run_estimates_batchnorm_on_the_training_images_unless_told_to_keep_the_stored(tmp_path, source):
+    record = finetune(method="scratch", dataset="phantom", shots=5, seed=0, preset="tiny", out=tmp_path / "run",
+                      accelerator="cpu", protocol="probe",
+                      overrides={"finetune.max_steps": 4, "finetune.val_every": 4, "finetune.probe_batchnorm": source})
+    state = torch.load(record["best_checkpoint"], map_location="cpu", weights_only=False)["state_dict"]
+    stored = {name[len("backbone."):]: tensor for name, tensor in state.items() if name.startswith("backbone.")}
+    backbone = build_backbone("scratch", encoder=get_preset("tiny")["encoder"])
+    backbone.load_state_dict(stored)
+    means = {name: tensor for name, tensor in stored.items() if name.startswith("encoder.") and "running_mean" in name}
+    if source == "pretrained":  # a random init's placeholders, untouched
+        assert all(torch.equal(tensor, torch.zeros_like(tensor)) for tensor in means.values())
+        return
+    settings = get_preset("tiny")["finetune"]
+    datamodule = LandmarkDataModule(dataset="phantom", shots=5, seed=0, resolution=settings["resolution"])
+    images = datamodule.unlabelled_training_images()
+    assert len(images) > 5  # the whole training split, not only the few shots
+    calibrate_batchnorm(backbone, images)
+    recalibrated = backbone.state_dict()
+    assert means and not any(torch.equal(tensor, torch.zeros_like(tensor)) for tensor in means.values())
+    for name, tensor in means.items():
+        torch.testing.assert_close(tensor, recalibrated[name])
+
+
+def test_unknown_probe_batchnorm_source_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="probe_batchnorm='running'"):
+        finetune(method="scratch", dataset="phantom", shots=5, seed=0, preset="tiny", out=tmp_path / "run",
+                 protocol="probe", overrides={"finetune.probe_batchnorm": "running"})
 
 
 def test_probe_head_fuses_at_the_finest_level_and_returns_logits_at_the_image_size():

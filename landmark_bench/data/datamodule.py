@@ -145,6 +145,10 @@ class LandmarkDataModule(L.LightningDataModule):
         self.subset_ids: list[str] = []
 
     @property
+    def _cache_dir(self) -> Path | None:
+        return Path(self.hparams.cache_dir) if self.hparams.cache_dir else None
+
+    @property
     def test_splits(self) -> tuple[str, ...]:
         """The splits with their own test loader (ISBI: test1, test2; pooled ``test`` is their union)."""
         splits = self.reader.test_splits
@@ -158,13 +162,18 @@ class LandmarkDataModule(L.LightningDataModule):
         chosen = set(self.subset_ids)
         splits = {"train": [record for record in train if record.image_id in chosen], "val": self.reader.records("val")}
         splits.update({split: self.reader.records(split) for split in self.test_splits})
-        cache_dir = Path(self.hparams.cache_dir) if self.hparams.cache_dir else None
         for split, records in splits.items():
-            images = cached_images(self.reader, records, self.size, cache_dir)
+            images = cached_images(self.reader, records, self.size, self._cache_dir)
             training = split == "train"
             augment = Augment() if training and self.hparams.augment else None
             self.datasets[split] = LandmarkDataset(images, records, self.hparams.sigma, augment,
                                                    self.hparams.samples_per_epoch if training else None)
+
+    def unlabelled_training_images(self) -> torch.Tensor:
+        """(N, 1, h, w) images of the whole training split in [0, 1], labels unused: the target-domain images a
+        probe's frozen BatchNorm statistics are estimated on (every probed backbone alike)."""
+        images = cached_images(self.reader, self.reader.records("train"), self.size, self._cache_dir)
+        return torch.from_numpy(images)[:, None].float() / 255.0
 
     def _loader(self, dataset: Dataset, **kwargs) -> DataLoader:
         workers = self.hparams.num_workers

@@ -8,6 +8,7 @@ import lightning.pytorch as L
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.swa_utils import update_bn
 
 from landmark_bench.geometry import to_original
 from landmark_bench.heatmaps import (
@@ -20,6 +21,33 @@ from landmark_bench.metrics import expected_radial_error
 
 LOSSES = ("softmax_ce", "pixel_ce")
 PROTOCOLS = ("finetune", "probe")
+PROBE_BATCHNORM = ("train_split", "pretrained")
+
+
+class _Pyramid(nn.Module):
+    """A backbone seen through its feature pyramid: the part of it a probe reads."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, image: torch.Tensor) -> list[torch.Tensor]:
+        return self.backbone.pyramid(image)
+
+
+def calibrate_batchnorm(backbone: nn.Module, images: torch.Tensor, chunk_size: int = 32) -> None:
+    """Re-estimate the BatchNorm statistics of ``backbone``'s feature pyramid on ``images`` (AdaBN); weights untouched.
+
+    A frozen network in eval mode normalises with its stored statistics, and a random-init control has none: its
+    buffers hold the placeholders mean 0, variance 1, which turn its BatchNorm into a no-op, so the control would be
+    probed as a different, unnormalised network while each pretrained one uses statistics of its pretraining views.
+    Estimating every probed backbone's statistics on the same target images puts them on one footing. Torch averages
+    the chunks' statistics with equal weight, so the images are split into chunks of near-equal size. A backbone
+    without BatchNorm (the diffusion UNet's GroupNorm) is left as it is.
+    """
+    chunks = torch.tensor_split(images, max(1, math.ceil(len(images) / chunk_size)))
+    with torch.no_grad():
+        update_bn(chunks, _Pyramid(backbone).train(backbone.training))  # the backbone's mode is kept
 
 
 class ProbeHead(nn.Module):
