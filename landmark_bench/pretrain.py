@@ -59,6 +59,10 @@ def pretrain(
               "overrides": overrides or {}}
     record = {**config, "config_hash": config_hash(config), "code_version": code_version(), "checkpoint": str(final)}
     if final.is_file():
+        if not (out / "run.json").is_file():  # killed after its checkpoint, before its record: record it now
+            record.update(status="done", recorded_after_interruption=True)
+            record_json(out / "run.json", record)
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
         return {**record, "status": "done", "reused": True}
     started = time.perf_counter()
     with run_lifecycle(out) as figures:

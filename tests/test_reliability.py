@@ -14,7 +14,7 @@ from landmark_bench.checkpoints import CheckpointError, read_checkpoint
 from landmark_bench.cli import main
 from landmark_bench.data.datamodule import LandmarkDataModule
 from landmark_bench.finetune import finetune
-from landmark_bench.sweep import FinetuneJob, run_subprocess, run_sweep
+from landmark_bench.sweep import FinetuneJob, PretrainJob, run_subprocess, run_sweep
 
 SWEEP = ["sweep", "--methods", "mean_shape", "--datasets", "phantom", "--shots", "1", "5", "--seeds", "0", "1",
          "--preset", "tiny"]
@@ -44,6 +44,20 @@ def test_killed_pretraining_resumes_from_its_last_checkpoint(tmp_path, forked):
     record = json.loads((tmp_path / "run.json").read_text())
     assert record["resumed_from_step"] == 5 and record["steps"] == record["pretrain"]["max_steps"]
     assert read_checkpoint(tmp_path / "pretrained.ckpt", "ddpm")["global_step"] == record["steps"]
+
+
+def test_pretraining_killed_after_its_checkpoint_before_its_record_is_recorded_not_retrained(tmp_path, forked):
+    command = ["pretrain", "--method", "ddpm", "--datasets", "phantom", "--preset", "tiny", "--out", str(tmp_path)]
+    forked.kill_at(command, "run.json")
+    checkpoint = (tmp_path / "pretrained.ckpt").read_bytes()
+    assert not (tmp_path / "run.json").exists()
+    job = PretrainJob("ddpm", ("phantom",), "tiny", str(tmp_path))
+    assert job.state() == "pending"  # not done until recorded
+    assert main(command) == 0
+    record = json.loads((tmp_path / "run.json").read_text())
+    assert record["status"] == "done" and record["recorded_after_interruption"]
+    assert job.state() == "done" and (tmp_path / "pretrained.ckpt").read_bytes() == checkpoint  # not retrained
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_same_command_same_seed_same_metrics(tiny_runs, tmp_path):

@@ -18,7 +18,8 @@ from landmark_bench.pretrain import CHECKPOINT_NAME, DEFAULT_PRETRAINING_DATASET
 
 @dataclass(frozen=True)
 class PretrainJob:
-    """One method's pretraining, shared by all its fine-tunes and probes; done once its checkpoint exists."""
+    """One method's pretraining, shared by all its fine-tunes and probes; done once its checkpoint and its record
+    (``run.json``, written last) exist."""
 
     method: str
     datasets: tuple[str, ...]
@@ -31,7 +32,7 @@ class PretrainJob:
         return Path(self.out) / CHECKPOINT_NAME
 
     def state(self) -> str:
-        return "done" if self.checkpoint.is_file() else read_status(Path(self.out))
+        return "done" if (Path(self.out) / "run.json").is_file() else read_status(Path(self.out))
 
 
 @dataclass(frozen=True)
