@@ -117,6 +117,15 @@ def test_jobs_are_launched_with_argument_lists_not_a_shell(tmp_path, monkeypatch
     assert "does not exist" in json.loads((tmp_path / "run" / "status.json").read_text())["reason"]
 
 
+def test_a_job_process_runs_the_sweeps_own_code_not_a_copy_in_its_working_folder(tmp_path, monkeypatch):
+    decoy = tmp_path / "landmark_bench"
+    decoy.mkdir()
+    (decoy / "__init__.py").write_text("raise ImportError('a copy of the package in the working folder')\n")
+    monkeypatch.chdir(tmp_path)
+    job = FinetuneJob("mean_shape", "phantom", 5, 0, "tiny", str(tmp_path / "run"))
+    assert run_subprocess(job, None, "group", "cpu") == "done", (tmp_path / "run" / "job.log").read_text()
+
+
 def test_no_credential_reaches_run_files(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", "secret-key-0123456789")
     monkeypatch.setenv("WANDB_MODE", "offline")

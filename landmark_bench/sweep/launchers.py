@@ -26,6 +26,9 @@ from landmark_bench.sweep.planning import Job, Needs, PretrainJob
 
 SUBMITIT_CLUSTERS = {"slurm": "slurm", "submitit-local": "local", "submitit-debug": "debug"}
 LAUNCHERS = ("inprocess", "local", *SUBMITIT_CLUSTERS)
+# Where the running sweep's own package lives: its job processes import it from there, so they run the sweep's
+# code even when started in a folder holding another copy (a working tree while the sweep runs from a snapshot).
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 POLL_SECONDS = 1.0  # how often a sweep looks whether jobs another process runs have ended
 
 
@@ -63,6 +66,8 @@ def run_subprocess(job: Job, data_dir: str | None, group: str, slot: str, cpu_sl
     """Run one job in a process of its own on one device slot, its output in the run folder's ``job.log``; a
     process that dies before recording its end is recorded as failed."""
     env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONSAFEPATH"] = "1"  # Python >= 3.11: the working folder is not put before it on sys.path
     if slot.startswith("cuda:"):
         env["CUDA_VISIBLE_DEVICES"] = slot.split(":", 1)[1]
     else:  # CPU processes share the cores: more threads than cores makes every one of them crawl
