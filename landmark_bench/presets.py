@@ -30,8 +30,9 @@ _FINETUNE_COMMON = {
     "diffusion_timestep": None,  # None: the diffusion method's documented default
     "diffusion_noise_input": False,  # True: noise the image to that timestep; False: the timestep only sets the embedding
     # probe only: where a frozen backbone's BatchNorm statistics come from. "train_split": re-estimated on the
-    # dataset's training images, labels unused, for every backbone alike (a random-init control has no statistics of
-    # its own); "pretrained": as stored (the control's placeholders switch its BatchNorm off). results/selection/probe.md
+    # dataset's training images, labels unused, for every backbone alike (a random-init control has no statistics
+    # of its own); "pretrained": as stored (the control's placeholders switch its BatchNorm off).
+    # results/selection/probe.md
     "probe_batchnorm": "train_split",
 }
 FINETUNE: dict[str, dict] = {
@@ -87,26 +88,29 @@ UNET: dict[str, dict] = {
               "down_block_types": ["DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D"],
               "up_block_types": ["AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"], "attention_head_dim": 64},
 }
-# ``resolution``, ``crop_size``, ``held_out_fraction`` and ``batch_size`` go to the UnlabeledDataModule; every other
-# key is a keyword argument of ``DDPMPretrain`` / ``CDPMAlignPretrain`` (with ``unet=UNET[preset]``). Both methods
-# get the same schedule so that they differ only by the condition and the alignment phase.
+# ``resolution``, ``crop_size``, ``crop_scale``, ``held_out_fraction`` and ``batch_size`` go to the
+# UnlabeledDataModule; every other key is a keyword argument of ``DDPMPretrain`` / ``CDPMAlignPretrain`` (with
+# ``unet=UNET[preset]``). Both methods get the same schedule so that they differ only by the condition and the
+# alignment phase.
 # The UNet pretrains on random ``crop_size`` crops of images cached at the fine-tuning resolution, i.e. at the
-# pixel scale it later localises at; ``held_out_fraction`` of each dataset's pool is kept out for the health record.
+# pixel scale it later localises at (``crop_scale`` (lo, hi) would mix in larger windows resized to the crop: not
+# chosen, see results/selection/diffusion.md); ``held_out_fraction`` of each dataset's pool is kept out for the
+# health record.
 # cpu: lr, steps and EMA chosen on the held-out denoising loss (results/selection/diffusion.md), sized for about
 # 15 minutes of one thread per pretraining.
 _DDPM = {
-    "tiny": {"resolution": [32, 24], "crop_size": 16, "held_out_fraction": 0.1, "batch_size": 4, "max_steps": 8,
-             "lr": 1e-3, "warmup_steps": 2, "ema_decay": 0.9, "lr_schedule": "cosine", "weight_decay": 1e-6,
-             "num_train_timesteps": 1000, "beta_schedule": "linear"},
-    "cpu": {"resolution": [160, 128], "crop_size": 64, "held_out_fraction": 0.05, "batch_size": 16,
-            "max_steps": 1000, "lr": 3e-3, "warmup_steps": 50, "ema_decay": 0.995, "lr_schedule": "cosine",
-            "weight_decay": 1e-6, "num_train_timesteps": 1000, "beta_schedule": "linear"},
+    "tiny": {"resolution": [32, 24], "crop_size": 16, "crop_scale": None, "held_out_fraction": 0.1, "batch_size": 4,
+             "max_steps": 8, "lr": 1e-3, "warmup_steps": 2, "ema_decay": 0.9, "lr_schedule": "cosine",
+             "weight_decay": 1e-6, "num_train_timesteps": 1000, "beta_schedule": "linear"},
+    "cpu": {"resolution": [160, 128], "crop_size": 64, "crop_scale": None, "held_out_fraction": 0.05,
+            "batch_size": 16, "max_steps": 1000, "lr": 3e-3, "warmup_steps": 50, "ema_decay": 0.995,
+            "lr_schedule": "cosine", "weight_decay": 1e-6, "num_train_timesteps": 1000, "beta_schedule": "linear"},
     # The CDPM-Align paper's settings as quoted by a public third-party reproduction (second-hand; the paper text
     # available to us has none, see DESIGN.md): T = 500, linear beta 1e-4 to 0.028, batch 16, AdamW lr 1e-4,
     # 50k iterations, downstream features at t = 200. EMA, warmup, LR decay and crops are not reported: ours.
-    "paper": {"resolution": [320, 256], "crop_size": 256, "held_out_fraction": 0.05, "batch_size": 16,
-              "max_steps": 50000, "lr": 1e-4, "warmup_steps": 1000, "ema_decay": 0.9999, "lr_schedule": "cosine",
-              "weight_decay": 1e-6, "num_train_timesteps": 500, "beta_schedule": "linear", "beta_start": 1e-4,
+    "paper": {"resolution": [320, 256], "crop_size": 256, "crop_scale": None, "held_out_fraction": 0.05,
+              "batch_size": 16, "max_steps": 50000, "lr": 1e-4, "warmup_steps": 1000, "ema_decay": 0.9999,
+              "lr_schedule": "cosine", "weight_decay": 1e-6, "num_train_timesteps": 500, "beta_schedule": "linear", "beta_start": 1e-4,
               "beta_end": 0.028, "backbone_timestep": 200, "num_workers": 4, "precision": "bf16-mixed"},
 }
 _CDPM_ALIGN = {"condition_dropout": 0.1, "align_fraction": 0.1, "align_weight": 0.1, "align_timestep_gap": None,

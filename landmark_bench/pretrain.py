@@ -21,7 +21,7 @@ from landmark_bench.tracking import finish, run_loggers
 
 DEFAULT_PRETRAINING_DATASETS = ("isbi2015", "aasce2019", "hand", "chest")
 # not module arguments: the UnlabeledDataModule's and the Trainer's
-RUN_KEYS = ("resolution", "crop_size", "held_out_fraction", "batch_size", "num_workers", "precision", "views")
+RUN_KEYS = ("resolution", "crop_size", "crop_scale", "held_out_fraction", "batch_size", "num_workers", "precision", "views")
 CHECKPOINT_NAME = "pretrained.ckpt"
 
 
@@ -79,7 +79,7 @@ def pretrain(
         model = method_class(**module_kwargs)
         datamodule = UnlabeledDataModule(datasets, data_dir, resolution=cfg["resolution"], batch_size=cfg["batch_size"],
                                          transform=transform, num_workers=cfg.get("num_workers", 0),
-                                         crop_size=cfg.get("crop_size"),
+                                         crop_size=cfg.get("crop_size"), crop_scale=cfg.get("crop_scale"),
                                          held_out_fraction=cfg.get("held_out_fraction", 0.0), seed=seed)
         loggers = run_loggers(out, out.name, wandb_group, [method, "pretrain", *datasets], config)
         try:

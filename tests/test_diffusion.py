@@ -382,6 +382,31 @@ def test_unlabeled_datamodule_crops_at_the_cache_scale_and_holds_out_a_fixed_sli
     assert whole.dataset[0]["image"].shape == (1, 16, 16) and len(whole.dataset) == 100 and len(whole.held_out) == 0
 
 
+def test_multi_scale_crops_show_the_whole_image_at_the_top_of_the_range_and_keep_held_out_crops_plain(tmp_path):
+    def datamodule(crop_scale) -> UnlabeledDataModule:
+        module = UnlabeledDataModule(["phantom"], resolution=[40, 32], crop_size=16, held_out_fraction=0.1,
+                                     cache_dir=str(tmp_path), crop_scale=crop_scale)
+        module.setup("fit")
+        return module
+
+    whole = datamodule([3.0, 3.0])  # 48x48 windows, clipped to the 40x32 image: the whole image, resized
+    for index in range(3):
+        image = whole.dataset.images[index][None, None].float()
+        expected = F.interpolate(image, size=(16, 16), mode="bilinear", antialias=True).round().clamp(0, 255) / 255
+        torch.testing.assert_close(whole.dataset[index]["image"], expected[0])
+    mixed = datamodule([1.0, 1.06])  # windows of 16 (factor below 1.03) or 17 pixels
+    items = [mixed.dataset[index]["image"] for index in range(20)]
+    assert all(item.shape == (1, 16, 16) for item in items)
+    plain = [contains_window(mixed.dataset.images[index], (item[0] * 255).round().to(torch.uint8))
+             for index, item in enumerate(items)]
+    assert any(plain) and not all(plain)  # some windows at the cache's scale, the others resized from larger ones
+    held = mixed.held_out.fixed_batch(crops_per_image=2, seed=5)["image"]
+    assert all(contains_window(mixed.held_out.images[index // 2], (crop[0] * 255).round().to(torch.uint8))
+               for index, crop in enumerate(held))
+    with pytest.raises(ValueError, match="crop_scale"):
+        datamodule([0.5, 2.0]).dataset
+
+
 @pytest.mark.parametrize("method", ["ddpm", "cdpm_align"])
 def test_tiny_pretraining_writes_a_health_record(method, tmp_path):
     record = pretrain(method=method, datasets=["phantom"], preset="tiny", out=tmp_path, accelerator="cpu")

@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning.pytorch as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
@@ -199,7 +200,9 @@ class UnlabeledDataset(Dataset):
     patches at the pixel scale of the cache (the fine-tuning resolution) instead of whole images shrunk
     further. Crop positions come from a generator seeded with ``seed`` (in a DataLoader worker: the worker's
     seed, which Lightning's ``seed_everything(workers=True)`` derives from the run seed), so a run's crops are
-    reproducible.
+    reproducible. ``crop_scale`` (lo, hi): the window is ``crop_size`` times a factor drawn uniformly from it (each
+    side at most the image's; a factor past the image shows the whole image), resized back to ``crop_size``, so
+    the network sees the fine-tuning pixel scale at 1 and the layout of whole images at the top of the range.
     """
 
     def __init__(
@@ -209,7 +212,11 @@ class UnlabeledDataset(Dataset):
         transform: Callable | None = None,
         crop_size: tuple[int, int] | None = None,
         seed: int = 0,
+        crop_scale: tuple[float, float] | None = None,
     ):
+        if crop_scale is not None and (crop_size is None or not 1 <= crop_scale[0] <= crop_scale[1]):
+            raise ValueError(f"crop_scale must be (lo, hi) with 1 <= lo <= hi, with a crop_size; got {crop_scale}")
+        self.crop_scale = crop_scale
         self.images = torch.from_numpy(images)
         self.dataset_index = torch.from_numpy(dataset_index).long()
         self.transform = transform
@@ -233,11 +240,20 @@ class UnlabeledDataset(Dataset):
         return self._generator
 
     def crop(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """A ``crop_size`` window of ``image`` (H, W) at a position drawn uniformly from ``generator``."""
-        height, width = self.crop_size
+        """A ``crop_size`` window of ``image`` (H, W) at a position drawn uniformly from ``generator`` (scaled by a
+        drawn ``crop_scale`` factor, then resized to ``crop_size``)."""
+        size = height, width = self.crop_size
+        if self.crop_scale is not None:
+            low, high = self.crop_scale
+            factor = low + (high - low) * float(torch.rand((), generator=generator))
+            height, width = min(image.shape[0], round(height * factor)), min(image.shape[1], round(width * factor))
         top = int(torch.randint(0, image.shape[0] - height + 1, (), generator=generator))
         left = int(torch.randint(0, image.shape[1] - width + 1, (), generator=generator))
-        return image[top : top + height, left : left + width]
+        window = image[top : top + height, left : left + width]
+        if window.shape == size:
+            return window
+        resized = F.interpolate(window[None, None].float(), size=size, mode="bilinear", antialias=True)
+        return resized[0, 0].round().clamp(0, 255).to(image.dtype)
 
     def __getitem__(self, index: int) -> dict:
         item = {"dataset_index": self.dataset_index[index]}
@@ -277,7 +293,8 @@ class UnlabeledDataModule(L.LightningDataModule):
     """Unlabelled images from the training splits (train + val, never test) of one or several datasets.
 
     ``crop_size``: train on random ``crop_size`` windows of images cached at ``resolution`` (see
-    ``UnlabeledDataset``); ``None`` trains on whole cached images. ``held_out_fraction``: a deterministic slice of
+    ``UnlabeledDataset``); ``None`` trains on whole cached images. ``crop_scale``: multi-scale training windows
+    (the held-out slice keeps plain ``crop_size`` windows, the fine-tuning pixel scale). ``held_out_fraction``: a deterministic slice of
     each dataset's pool (``held_out_mask``) kept out of training as ``self.held_out``, so a health check can
     measure the pretraining objective on images pretraining never saw, without touching a test split.
     """
@@ -294,6 +311,7 @@ class UnlabeledDataModule(L.LightningDataModule):
         crop_size: int | Sequence[int] | None = None,
         held_out_fraction: float = 0.0,
         seed: int = 0,
+        crop_scale: Sequence[float] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["transform"])
@@ -320,8 +338,9 @@ class UnlabeledDataModule(L.LightningDataModule):
             indices.append(np.full(int((~held).sum()), index))
             held_images.append(cached[held])
             held_indices.append(np.full(int(held.sum()), index))
+        crop_scale = None if self.hparams.crop_scale is None else tuple(self.hparams.crop_scale)
         self.dataset = UnlabeledDataset(np.concatenate(images), np.concatenate(indices), self.transform,
-                                        self.crop_size, self.hparams.seed)
+                                        self.crop_size, self.hparams.seed, crop_scale)
         self.held_out = UnlabeledDataset(np.concatenate(held_images), np.concatenate(held_indices), None,
                                          self.crop_size, self.hparams.seed)
 
