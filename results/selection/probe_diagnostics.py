@@ -46,6 +46,7 @@ def stats(levels):
 
 def probe(ftr, fva, levels, steps=200, lr=2e-3):
     torch.manual_seed(0)
+    levels = range(len(ftr)) if levels is None else levels
     ftr = [ftr[i] for i in levels]; fva = [fva[i] for i in levels]
     head = ProbeHead([f.shape[1] for f in ftr], 19, 64)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
@@ -66,7 +67,8 @@ def probe(ftr, fva, levels, steps=200, lr=2e-3):
             best = min(best, mre)
     return best
 
-subsets = {"all": [0, 1, 2, 3, 4], "deep3": [0, 1, 2], "shallow3": [2, 3, 4], "s2s4": [3, 4], "s8s16": [1, 2]}
+subsets = {"all": None,  # every level (five for the encoder, four for the UNet)
+            "deep3": [0, 1, 2], "shallow3": [2, 3, 4], "s2s4": [3, 4], "s8s16": [1, 2]}
 results = {}
 SCALE = float(sys.argv[1])
 subsets = {k: subsets[k] for k in sys.argv[2].split(",")}
