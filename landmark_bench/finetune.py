@@ -12,7 +12,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from landmark_bench.data.datamodule import LandmarkDataModule, parse_shots
 from landmark_bench.evaluation import LandmarkEvaluation
 from landmark_bench.methods import PROTOCOLS, build_backbone, family_of, get_method, method_names, preset_settings
-from landmark_bench.models.detector import LandmarkDetector, PROBE_BATCHNORM, MeanShapeReference, calibrate_batchnorm
+from landmark_bench.models.detector import (
+    PROBE_BATCHNORM, LandmarkDetector, MeanShapeReference, calibrate_batchnorm,
+)
 from landmark_bench.presets import finetune_settings
 from landmark_bench.runs import (
     AnnouncedCheckpointIO, code_version, config_hash, record_json, run_lifecycle, share_cores,
@@ -64,7 +66,8 @@ def finetune(
     settings = preset_settings(preset, overrides)
     cfg = finetune_settings(settings, dataset)
     if cfg["probe_batchnorm"] not in PROBE_BATCHNORM:
-        raise ValueError(f"finetune.probe_batchnorm={cfg['probe_batchnorm']!r} is not one of {', '.join(PROBE_BATCHNORM)}")
+        raise ValueError(f"finetune.probe_batchnorm={cfg['probe_batchnorm']!r} is not one of "
+                         f"{', '.join(PROBE_BATCHNORM)}")
     if protocol == "probe":
         cfg["augment"] = False
     out = Path(out or Path("runs") / run_dir_name(method, dataset, shots, seed, protocol))

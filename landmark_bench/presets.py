@@ -110,8 +110,9 @@ _DDPM = {
     # 50k iterations, downstream features at t = 200. EMA, warmup, LR decay and crops are not reported: ours.
     "paper": {"resolution": [320, 256], "crop_size": 256, "crop_scale": None, "held_out_fraction": 0.05,
               "batch_size": 16, "max_steps": 50000, "lr": 1e-4, "warmup_steps": 1000, "ema_decay": 0.9999,
-              "lr_schedule": "cosine", "weight_decay": 1e-6, "num_train_timesteps": 500, "beta_schedule": "linear", "beta_start": 1e-4,
-              "beta_end": 0.028, "backbone_timestep": 200, "num_workers": 4, "precision": "bf16-mixed"},
+              "lr_schedule": "cosine", "weight_decay": 1e-6, "num_train_timesteps": 500, "beta_schedule": "linear",
+              "beta_start": 1e-4, "beta_end": 0.028, "backbone_timestep": 200, "num_workers": 4,
+              "precision": "bf16-mixed"},
 }
 _CDPM_ALIGN = {"condition_dropout": 0.1, "align_fraction": 0.1, "align_weight": 0.1, "align_timestep_gap": None,
                "align_timestep_range": None, "align_scales": None}

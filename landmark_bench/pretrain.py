@@ -21,7 +21,8 @@ from landmark_bench.tracking import finish, run_loggers
 
 DEFAULT_PRETRAINING_DATASETS = ("isbi2015", "aasce2019", "hand", "chest")
 # not module arguments: the UnlabeledDataModule's and the Trainer's
-RUN_KEYS = ("resolution", "crop_size", "crop_scale", "held_out_fraction", "batch_size", "num_workers", "precision", "views")
+RUN_KEYS = ("resolution", "crop_size", "crop_scale", "held_out_fraction", "batch_size", "num_workers", "precision",
+            "views")
 CHECKPOINT_NAME = "pretrained.ckpt"
 
 

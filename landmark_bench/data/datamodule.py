@@ -294,9 +294,10 @@ class UnlabeledDataModule(L.LightningDataModule):
 
     ``crop_size``: train on random ``crop_size`` windows of images cached at ``resolution`` (see
     ``UnlabeledDataset``); ``None`` trains on whole cached images. ``crop_scale``: multi-scale training windows
-    (the held-out slice keeps plain ``crop_size`` windows, the fine-tuning pixel scale). ``held_out_fraction``: a deterministic slice of
-    each dataset's pool (``held_out_mask``) kept out of training as ``self.held_out``, so a health check can
-    measure the pretraining objective on images pretraining never saw, without touching a test split.
+    (the held-out slice keeps plain ``crop_size`` windows, the fine-tuning pixel scale). ``held_out_fraction``: a
+    deterministic slice of each dataset's pool (``held_out_mask``) kept out of training as ``self.held_out``, so a
+    health check can measure the pretraining objective on images pretraining never saw, without touching a test
+    split.
     """
 
     def __init__(

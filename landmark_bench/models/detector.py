@@ -98,8 +98,9 @@ class LandmarkDetector(L.LightningModule):
     ``protocol="finetune"`` trains the whole network. ``protocol="probe"`` freezes the backbone (no gradient,
     always in eval mode, so not even BatchNorm statistics move while the head trains; ``finetune`` has set them
     before with :func:`calibrate_batchnorm`) and trains only a :class:`ProbeHead` on the backbone's feature
-    pyramid: it measures what pretraining taught rather than what a few images can re-teach. The frozen features of the training and validation images are computed once and cached (the
-    probe trains without augmentation, so they never change).
+    pyramid: it measures what pretraining taught rather than what a few images can re-teach. The frozen features
+    of the training and validation images are computed once and cached (the probe trains without augmentation,
+    so they never change).
     """
 
     def __init__(
