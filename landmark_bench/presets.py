@@ -218,10 +218,9 @@ PRESETS: dict[str, dict] = {
 
 # Cost model of the sweep's dry run (seconds; per optimiser step where it says so). ``startup``: a job's process
 # start and imports; ``evaluation``: a fine-tune's wall time outside its training loop (test evaluation, files).
-# ``cpu``: measured in the ISBI 10-shot sweep of benchmarks/RESULTS.md (`make benchmark SHOTS=10`: one thread per
-# job, two jobs on a 2-core CPU); ``probe_step``: the mean probe wall time of the 2026-12-02 sweep (feature
-# caching and the head's steps, with the cores also loaded by the test suite: an upper figure); the other presets
-# are guesses until measured. ``pretrain_step_by_family``: the
+# ``cpu``: from job wall times with one thread per job and two jobs on a 2-core CPU (benchmarks/RESULTS.md): the
+# per-step figures of fine-tunes and probes are (wall - startup - evaluation) / steps, so a probe's step also carries
+# its feature caching and validation; the other presets are guesses until measured. ``pretrain_step_by_family``: the
 # cost of a pretraining method the model does not name (a user's own), its family's costliest. ``gpu_check``: on a
 # preset whose jobs run on a GPU, where its per-step figures were measured (``GPU_CHECK_FILE``); None: guessed.
 ESTIMATE: dict[str, dict] = {
@@ -230,7 +229,7 @@ ESTIMATE: dict[str, dict] = {
              "pretrain_step": {"ddpm": 0.1, "cdpm_align": 0.15, "simclr": 0.1, "moco": 0.1, "dino": 0.2},
              "pretrain_step_by_family": {"encoder": 0.2, "diffusion": 0.15}},
     "cpu": {"startup": 12.0, "evaluation": {"encoder": 8.0, "diffusion": 24.0},
-            "finetune_step": {"encoder": 0.62, "diffusion": 2.11}, "probe_step": {"encoder": 0.68, "diffusion": 1.37},
+            "finetune_step": {"encoder": 0.4, "diffusion": 1.7}, "probe_step": {"encoder": 0.08, "diffusion": 0.15},
             # dino: taken as simclr's (two 64-px views per image through the same encoder since it has no local
             # crops), not timed on its own
             "pretrain_step": {"ddpm": 0.7, "cdpm_align": 0.9, "simclr": 1.02, "moco": 1.2, "dino": 1.02},

@@ -120,9 +120,19 @@ def test_probe_head_fuses_at_the_finest_level_and_returns_logits_at_the_image_si
     pyramid = [torch.randn(2, 8, 4, 5), torch.randn(2, 4, 16, 20)]  # coarsest first; finest at stride 2
     logits = head(pyramid, (32, 40))
     assert logits.shape == (2, 3, 32, 40)
-    assert head(pyramid, (16, 20)).shape == (2, 3, 16, 20)  # finest level at the image size: no resampling
     with pytest.raises(ValueError):
         head(pyramid[:1], (32, 40))  # one map per level, never fewer
+
+
+def test_probe_head_pools_a_full_resolution_level_to_stride_two_like_an_encoders():
+    """A UNet's finest level is at the image size; the head reads it 2x2-averaged, at an encoder's stride."""
+    head = ProbeHead([8, 4], out_channels=3, hidden=5).eval()
+    coarse, full = torch.randn(2, 8, 4, 5), torch.randn(2, 4, 16, 20)
+    pooled = full.reshape(2, 4, 8, 2, 10, 2).mean(dim=(3, 5))
+    logits = head([coarse, full], (16, 20))
+    assert logits.shape == (2, 3, 16, 20)
+    torch.testing.assert_close(logits, head([coarse, pooled], (16, 20)))
+    assert not torch.allclose(logits, head([coarse, full.flip(-1)], (16, 20)))  # the full level is read, not dropped
 
 
 def test_control_unet_has_exactly_the_pretrained_parameters(tiny_ddpm):

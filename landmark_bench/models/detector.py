@@ -54,11 +54,12 @@ class ProbeHead(nn.Module):
     """A light head over a frozen feature pyramid: what the probe protocol trains.
 
     Each level is standardised (BatchNorm, so random and pretrained features of any scale start alike),
-    projected by a 1x1 convolution, upsampled to the finest level's size and summed; one ReLU and a 3x3
-    convolution give the heatmap logits, upsampled to the input size. Fusing at the finest level rather than at
-    the input size keeps the head cheap where the finest level is coarser than the image (an encoder's stride 2).
-    It is the same head for every network family, so a pretrained probe and its random-init control differ only
-    by the frozen weights.
+    projected by a 1x1 convolution, resampled to the fusion size and summed; one ReLU and a 3x3 convolution give
+    the heatmap logits, upsampled to the input size. The fusion size is the finest level's, but at most half the
+    input size: an encoder's finest level is at stride 2, and a UNet's full-resolution level is average-pooled to
+    stride 2 before its projection, so every family's head does the same work at the same resolution (at full
+    resolution the UNet's head cost several times the encoder's). A pretrained probe and its random-init control
+    differ only by the frozen weights.
     """
 
     def __init__(self, in_channels: list[int], out_channels: int, hidden: int = 64):
@@ -68,10 +69,18 @@ class ProbeHead(nn.Module):
         )
         self.out = nn.Conv2d(hidden, out_channels, 3, padding=1)
 
+    @staticmethod
+    def _at_most(features: torch.Tensor, fusion: tuple[int, int]) -> torch.Tensor:
+        """A level finer than the fusion size, area-averaged down to it; any other level as it is."""
+        if math.prod(features.shape[-2:]) <= math.prod(fusion):
+            return features
+        return F.adaptive_avg_pool2d(features, fusion)
+
     def forward(self, pyramid: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-        finest = max((features.shape[-2:] for features in pyramid), key=lambda shape: shape[0] * shape[1])
+        finest = max((tuple(features.shape[-2:]) for features in pyramid), key=math.prod)
+        fusion = min(finest, (math.ceil(size[0] / 2), math.ceil(size[1] / 2)), key=math.prod)
         fused = sum(
-            F.interpolate(level(features), size=finest, mode="bilinear", align_corners=False)
+            F.interpolate(level(self._at_most(features, fusion)), size=fusion, mode="bilinear", align_corners=False)
             for level, features in zip(self.levels, pyramid, strict=True)
         )
         logits = self.out(F.relu(fused))
