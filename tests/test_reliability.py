@@ -15,6 +15,7 @@ from landmark_bench.cli import main
 from landmark_bench.data.datamodule import LandmarkDataModule
 from landmark_bench.finetune import finetune
 from landmark_bench.sweep import FinetuneJob, PretrainJob, run_subprocess, run_sweep
+from landmark_bench.sweep.launchers import Submitit
 
 SWEEP = ["sweep", "--methods", "mean_shape", "--datasets", "phantom", "--shots", "1", "5", "--seeds", "0", "1",
          "--preset", "tiny"]
@@ -124,6 +125,12 @@ def test_a_job_process_runs_the_sweeps_own_code_not_a_copy_in_its_working_folder
     monkeypatch.chdir(tmp_path)
     job = FinetuneJob("mean_shape", "phantom", 5, 0, "tiny", str(tmp_path / "run"))
     assert run_subprocess(job, None, "group", "cpu") == "done", (tmp_path / "run" / "job.log").read_text()
+    # submitit's job processes too (they unpickle the job, importing the package)
+    job = FinetuneJob("mean_shape", "phantom", 5, 0, "tiny", str(tmp_path / "submitit-run"))
+    environ = dict(os.environ)
+    Submitit(None, "group", 1, "local", {}).submit([job], on_finish=lambda job: None)
+    assert job.state() == "done", json.loads((tmp_path / "submitit-run" / "status.json").read_text())
+    assert dict(os.environ) == environ
 
 
 def test_no_credential_reaches_run_files(tmp_path, monkeypatch):

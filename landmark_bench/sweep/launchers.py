@@ -10,6 +10,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -62,12 +63,28 @@ def execute(job: Job, data_dir: str | None, group: str, devices: int = 1) -> str
     return "done" if job.state() == "done" else "failed"
 
 
+def own_package_environment() -> dict[str, str]:
+    """The environment variables under which a new Python process imports this sweep's own package first."""
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")])),
+            "PYTHONSAFEPATH": "1"}  # Python >= 3.11: the working folder is not put before it on sys.path
+
+
+@contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``values`` set for the duration, as it was afterwards."""
+    saved = dict(os.environ)
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def run_subprocess(job: Job, data_dir: str | None, group: str, slot: str, cpu_slots: int = 1) -> str:
     """Run one job in a process of its own on one device slot, its output in the run folder's ``job.log``; a
     process that dies before recording its end is recorded as failed."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
-    env["PYTHONSAFEPATH"] = "1"  # Python >= 3.11: the working folder is not put before it on sys.path
+    env = {**os.environ, **own_package_environment()}
     if slot.startswith("cuda:"):
         env["CUDA_VISIBLE_DEVICES"] = slot.split(":", 1)[1]
     else:  # CPU processes share the cores: more threads than cores makes every one of them crawl
@@ -259,7 +276,11 @@ class Submitit(Launcher):
         for job in jobs:
             executor = submitit.AutoExecutor(folder=Path(job.out) / "submitit", cluster=self.cluster)
             executor.update_parameters(**{"timeout_min": 240, **(self.slurm if self.cluster == "slurm" else {})})
-            submitted.append((job, executor.submit(Requeueable(), job, self.data_dir, self.group, self.devices)))
+            # the job's process (local, or sbatch's, which exports the environment) unpickles the job from this
+            # sweep's package, not from a copy in its working folder
+            with environment(own_package_environment()):
+                handle = executor.submit(Requeueable(), job, self.data_dir, self.group, self.devices)
+            submitted.append((job, handle))
         for job, handle in submitted:
             try:
                 handle.result()
