@@ -15,7 +15,8 @@ from landmark_bench.data.datamodule import UnlabeledDataModule
 from landmark_bench.io import atomic_write
 from landmark_bench.methods import get_method, method_names, preset_settings
 from landmark_bench.runs import (
-    AnnouncedCheckpointIO, code_version, config_hash, record_json, run_lifecycle, share_cores,
+    AnnouncedCheckpointIO, clear_stale_temp_files, code_version, config_hash, record_json, run_lifecycle,
+    share_cores,
 )
 from landmark_bench.tracking import finish, run_loggers
 
@@ -64,6 +65,7 @@ def pretrain(
             record.update(status="done", recorded_after_interruption=True)
             record_json(out / "run.json", record)
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
+            clear_stale_temp_files(out)  # the killed write's temp file
         return {**record, "status": "done", "reused": True}
     started = time.perf_counter()
     with run_lifecycle(out) as figures:

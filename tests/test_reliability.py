@@ -51,14 +51,14 @@ def test_pretraining_killed_after_its_checkpoint_before_its_record_is_recorded_n
     command = ["pretrain", "--method", "ddpm", "--datasets", "phantom", "--preset", "tiny", "--out", str(tmp_path)]
     forked.kill_at(command, "run.json")
     checkpoint = (tmp_path / "pretrained.ckpt").read_bytes()
-    assert not (tmp_path / "run.json").exists()
+    assert not (tmp_path / "run.json").exists() and list(tmp_path.glob(".run.json.*.tmp"))  # the killed write's
     job = PretrainJob("ddpm", ("phantom",), "tiny", str(tmp_path))
     assert job.state() == "pending"  # not done until recorded
     assert main(command) == 0
     record = json.loads((tmp_path / "run.json").read_text())
     assert record["status"] == "done" and record["recorded_after_interruption"]
     assert job.state() == "done" and (tmp_path / "pretrained.ckpt").read_bytes() == checkpoint  # not retrained
-    assert not (tmp_path / "checkpoints").exists()
+    assert not (tmp_path / "checkpoints").exists() and not list(tmp_path.glob(".*.tmp"))
 
 
 def test_same_command_same_seed_same_metrics(tiny_runs, tmp_path):
