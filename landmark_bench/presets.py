@@ -273,19 +273,25 @@ def leaf_keys(tree: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def apply_overrides(settings: dict, overrides: dict[str, Any]) -> dict:
+def apply_overrides(settings: dict, overrides: dict[str, Any], open_keys: dict[str, set[str]] | None = None) -> dict:
     """``settings`` with each dotted key of ``overrides`` replaced (in place; also returned).
 
-    A key that is not in the preset is an error listing the valid keys under the part of it that exists,
-    so a typo never silently runs the default.
+    ``open_keys``: for a dotted node (``"pretrain.dino"``), the further keys it may be given though the preset does
+    not name them (a module's keyword arguments at their defaults). Any other key that is not in the preset is an
+    error listing the valid keys under the part of it that exists, so a typo never silently runs the default.
     """
+    open_keys = open_keys or {}
     for dotted, value in overrides.items():
         node, parts = settings, dotted.split(".")
         for depth, part in enumerate(parts):
+            known = ".".join(parts[:depth])
+            if depth == len(parts) - 1 and isinstance(node, dict) and part in open_keys.get(known, ()):
+                node[part] = value
+                continue
             if not isinstance(node, dict) or part not in node:
-                known = ".".join(parts[:depth])
                 under = node if isinstance(node, dict) else {}
-                valid = leaf_keys(under, f"{known}." if known else "")
+                valid = sorted({*leaf_keys(under, f"{known}." if known else ""),
+                                *(f"{known}.{key}" for key in open_keys.get(known, ()))})
                 raise ValueError(f"unknown setting {dotted!r}; valid settings"
                                  f"{f' under {known!r}' if known else ''}: {', '.join(valid)}")
             if depth == len(parts) - 1:
@@ -336,10 +342,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return flatten(loaded)
 
 
-def get_preset(name: str, overrides: dict[str, Any] | None = None, pretrain_defaults: dict | None = None) -> dict:
+def get_preset(name: str, overrides: dict[str, Any] | None = None, pretrain_defaults: dict | None = None,
+               open_keys: dict[str, set[str]] | None = None) -> dict:
     """A deep copy of preset ``name`` with its cost model, the datasets' own fine-tuning settings, a
     ``pretrain_defaults`` entry for each pretraining method the preset does not name (a method added by a user), and
-    the dotted ``overrides`` applied.
+    the dotted ``overrides`` applied (``open_keys``: see ``apply_overrides``).
 
     Unknown names list the valid presets; unknown override keys list the valid settings.
     """
@@ -348,4 +355,4 @@ def get_preset(name: str, overrides: dict[str, Any] | None = None, pretrain_defa
     settings = copy.deepcopy({**PRESETS[name], "dataset_finetune": DATASET_FINETUNE[name],
                               "estimate": cost_estimate(name)})
     settings["pretrain"] = {**copy.deepcopy(pretrain_defaults or {}), **settings["pretrain"]}
-    return apply_overrides(settings, for_every_dataset(overrides or {}, settings["dataset_finetune"]))
+    return apply_overrides(settings, for_every_dataset(overrides or {}, settings["dataset_finetune"]), open_keys)

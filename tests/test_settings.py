@@ -29,6 +29,19 @@ def test_set_reaches_the_module_and_changes_the_config_hash(tmp_path):
     assert recorded["overrides"] == {"finetune.max_steps": 4, "finetune.val_every": 2, "finetune.lr": 0.0123}
 
 
+def test_set_reaches_a_module_keyword_the_preset_leaves_at_its_default(tmp_path, capsys):
+    assert "student_temp" not in get_preset("tiny")["pretrain"]["dino"]
+    command = ["pretrain", "--method", "dino", "--datasets", "phantom", "--preset", "tiny", "--out", str(tmp_path)]
+    assert main([*command, "--set", "pretrain.dino.student_temp=0.2", "pretrain.dino.max_steps=2"]) == 0
+    hparams = torch.load(tmp_path / "pretrained.ckpt", map_location="cpu", weights_only=False)["hyper_parameters"]
+    assert hparams["student_temp"] == 0.2 and hparams["max_steps"] == 2
+    # a typo is still refused, and the module's keywords are among the settings it lists
+    assert main([*command, "--set", "pretrain.dino.student_tmp=0.2"]) == 2
+    assert "pretrain.dino.student_temp" in capsys.readouterr().err
+    # the network and the datasets are the run's, not settings
+    assert main([*command, "--set", "pretrain.dino.encoder=resnet18"]) == 2
+
+
 def test_config_file_gives_the_same_run_as_set(tmp_path):
     config = tmp_path / "mine.yaml"
     config.write_text("finetune:\n  max_steps: 4\n  val_every: 2\nfinetune.lr: 0.0123\n")

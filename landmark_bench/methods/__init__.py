@@ -9,6 +9,7 @@ settings and cost estimate default to its family's.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch.nn as nn
@@ -62,5 +63,22 @@ def preset_settings(preset: str, overrides: dict[str, Any] | None = None) -> dic
     """Preset ``preset`` with a default pretraining entry for every registered method it does not name, then the
     dotted ``overrides`` (which may therefore set a user's method too)."""
     get_preset(preset)  # an unknown preset is named before any method looks it up
-    defaults = {name: METHODS[name].default_settings(preset) for name in method_names(pretrains=True)}
-    return get_preset(preset, overrides, pretrain_defaults=defaults)
+    pretraining = method_names(pretrains=True)
+    defaults = {name: METHODS[name].default_settings(preset) for name in pretraining}
+    open_keys = {f"pretrain.{name}": module_keywords(METHODS[name]) for name in pretraining}
+    return get_preset(preset, overrides, pretrain_defaults=defaults, open_keys=open_keys)
+
+
+def module_keywords(module_class: type) -> set[str]:
+    """The settings a pretraining module takes as keyword arguments, its bases' included where it passes
+    ``**kwargs`` on: what ``--set pretrain.<method>.<key>`` may give though the preset leaves it at its default.
+    The networks and datasets are the run's to give, not settings."""
+    keywords: set[str] = set()
+    for cls in module_class.__mro__:
+        if "__init__" not in vars(cls):
+            continue
+        parameters = inspect.signature(vars(cls)["__init__"]).parameters.values()
+        keywords |= {parameter.name for parameter in parameters if parameter.kind is parameter.KEYWORD_ONLY}
+        if not any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters):
+            break
+    return keywords - {"unet", "encoder", "dataset_names"}
