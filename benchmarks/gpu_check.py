@@ -32,15 +32,13 @@ import lightning.pytorch as L
 import torch
 
 from benchmarks.common import RESULTS, command_line, markdown_table, report
-from landmark_bench.data.datamodule import LandmarkDataModule, UnlabeledDataModule
+from landmark_bench.data.datamodule import UnlabeledDataModule
 from landmark_bench.data.registry import PhantomReader
 from landmark_bench.evaluation import LandmarkEvaluation
-from landmark_bench.methods import (
-    FAMILIES, PROTOCOLS, build_backbone, family_of, get_method, method_names, preset_settings,
-)
-from landmark_bench.models.detector import LandmarkDetector
-from landmark_bench.presets import GPU_CHECK_FILE, finetune_settings, parse_assignments
-from landmark_bench.pretrain import DEFAULT_PRETRAINING_DATASETS, RUN_KEYS
+from landmark_bench.finetune import few_shot_data, landmark_detector, protocol_settings
+from landmark_bench.methods import FAMILIES, PROTOCOLS, family_of, get_method, method_names, preset_settings
+from landmark_bench.presets import GPU_CHECK_FILE, parse_assignments
+from landmark_bench.pretrain import DEFAULT_PRETRAINING_DATASETS, pretraining_data, pretraining_module
 from landmark_bench.runs import code_version
 from landmark_bench.sweep.planning import PretrainJob, estimate_seconds, plan
 
@@ -144,25 +142,9 @@ def timed_fit(model: L.LightningModule, datamodule: L.LightningDataModule, preci
     return Timing(clock.seconds_per_step(), len(clock.stamps) - 1, peak_mib()), fit
 
 
-def pretraining_module(method: str, settings: dict, datasets: list[str]) -> L.LightningModule:
-    """The module ``pretrain()`` trains, with the preset's settings."""
-    cfg = settings["pretrain"][method]
-    kwargs = {key: value for key, value in cfg.items() if key not in RUN_KEYS}
-    if family_of(method) == "diffusion":
-        kwargs.update(unet=settings["unet"], dataset_names=datasets)
-    else:
-        kwargs.update(encoder=settings["encoder"])
-    return get_method(method)(**kwargs)
-
-
 def corpus(method: str, cfg: dict, datasets: list[str], data_dir: str | None) -> UnlabeledDataModule:
     """The pretraining loader ``pretrain()`` builds; on the phantom, a corpus as large as the real one."""
-    method_class = get_method(method)
-    transform = None if method_class.family == "diffusion" else method_class.views_transform(**cfg.get("views", {}))
-    datamodule = UnlabeledDataModule(datasets, data_dir, resolution=cfg["resolution"], batch_size=cfg["batch_size"],
-                                     transform=transform, num_workers=cfg.get("num_workers", 0),
-                                     crop_size=cfg.get("crop_size"),
-                                     held_out_fraction=cfg.get("held_out_fraction", 0.0), seed=0)
+    datamodule = pretraining_data(method, cfg, datasets, data_dir)
     if datasets == ["phantom"]:
         datamodule.readers = [PhantomReader(num_train=PRETRAINING_IMAGES, num_val=0, num_test=0)]
     return datamodule
@@ -194,22 +176,9 @@ def finetuning(method: str, protocol: str, settings: dict, dataset: str, data_di
                checkpoint: str | None, args: argparse.Namespace) -> Timing:
     """Time the detector ``finetune()`` trains under ``protocol``, and one validation pass (the second: a probe
     caches its validation features in the first, as in the sweep)."""
-    cfg = {**finetune_settings(settings, dataset), **({"augment": False} if protocol == "probe" else {})}
-    datamodule = LandmarkDataModule(
-        dataset=dataset, data_dir=data_dir, shots=SHOTS[0], seed=0, resolution=cfg["resolution"],
-        batch_size=cfg["batch_size"], sigma=cfg["sigma"], augment=cfg["augment"],
-        samples_per_epoch=cfg["val_every"] * cfg["batch_size"], num_workers=cfg["num_workers"],
-        reader_options=PHANTOM_SPLITS if dataset == "phantom" else None,
-    )
-    datamodule.setup()
-    backbone = build_backbone(method, encoder=settings["encoder"], pretrained=checkpoint, dataset=dataset,
-                              timestep=cfg["diffusion_timestep"], unet=settings["unet"],
-                              diffusion_schedule=settings["pretrain"]["ddpm"], noise_input=cfg["diffusion_noise_input"])
-    model = LandmarkDetector(
-        backbone=backbone, num_landmarks=datamodule.reader.num_landmarks, loss=cfg["loss"],
-        refine_window=cfg["refine_window"], lr=cfg["lr"], weight_decay=cfg["weight_decay"],
-        max_steps=cfg["max_steps"], warmup_steps=cfg["warmup_steps"], protocol=protocol,
-    )
+    cfg = protocol_settings(settings, dataset, protocol)
+    datamodule = few_shot_data(cfg, dataset, data_dir, SHOTS[0], 0, PHANTOM_SPLITS if dataset == "phantom" else None)
+    model = landmark_detector(method, protocol, settings, cfg, datamodule, checkpoint)
     timing, _ = timed_fit(model, datamodule, cfg["precision"], cfg["max_steps"], args)
     clock = ValidationClock()
     validate = trainer([LandmarkEvaluation(), clock], cfg["precision"])

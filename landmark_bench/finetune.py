@@ -27,6 +27,48 @@ def run_dir_name(method: str, dataset: str, shots: int | str, seed: int, protoco
     return f"{method}-{kind}{dataset}-{shots}shot-seed{seed}"
 
 
+def protocol_settings(settings: dict, dataset: str, protocol: str) -> dict:
+    """The fine-tuning settings of a ``protocol`` job on ``dataset`` under resolved preset ``settings``: a probe trains
+    without augmentation (its frozen features are cached once per image)."""
+    cfg = finetune_settings(settings, dataset)
+    if cfg["probe_batchnorm"] not in PROBE_BATCHNORM:
+        raise ValueError(f"finetune.probe_batchnorm={cfg['probe_batchnorm']!r} is not one of "
+                         f"{', '.join(PROBE_BATCHNORM)}")
+    if protocol == "probe":
+        cfg["augment"] = False
+    return cfg
+
+
+def few_shot_data(cfg: dict, dataset: str, data_dir: str | None, shots: int | str, seed: int,
+                  reader_options: dict | None = None) -> LandmarkDataModule:
+    """The set-up loaders of a job: the seeded few-shot training subset, validation and test."""
+    datamodule = LandmarkDataModule(
+        dataset=dataset, data_dir=data_dir, shots=shots, seed=seed, resolution=cfg["resolution"],
+        batch_size=cfg["batch_size"], sigma=cfg["sigma"], augment=cfg["augment"],
+        samples_per_epoch=cfg["val_every"] * cfg["batch_size"], num_workers=cfg["num_workers"],
+        reader_options=reader_options,
+    )
+    datamodule.setup()
+    return datamodule
+
+
+def landmark_detector(method: str, protocol: str, settings: dict, cfg: dict, datamodule: LandmarkDataModule,
+                      pretrained: str | None) -> LandmarkDetector:
+    """The detector a job trains: ``method``'s backbone (a probed one with its BatchNorm statistics re-estimated on
+    the training images, ``cfg["probe_batchnorm"]``) and a new head."""
+    backbone = build_backbone(method, encoder=settings["encoder"], pretrained=pretrained,
+                              dataset=datamodule.hparams.dataset,
+                              timestep=cfg["diffusion_timestep"], unet=settings["unet"],
+                              diffusion_schedule=settings["pretrain"]["ddpm"], noise_input=cfg["diffusion_noise_input"])
+    if protocol == "probe" and cfg["probe_batchnorm"] == "train_split":
+        calibrate_batchnorm(backbone, datamodule.unlabelled_training_images())
+    return LandmarkDetector(
+        backbone=backbone, num_landmarks=datamodule.reader.num_landmarks, loss=cfg["loss"],
+        refine_window=cfg["refine_window"], lr=cfg["lr"], weight_decay=cfg["weight_decay"],
+        max_steps=cfg["max_steps"], warmup_steps=cfg["warmup_steps"], protocol=protocol,
+    )
+
+
 def finetune(
     *,
     method: str,
@@ -64,12 +106,7 @@ def finetune(
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed must be an integer, not {seed!r}")
     settings = preset_settings(preset, overrides)
-    cfg = finetune_settings(settings, dataset)
-    if cfg["probe_batchnorm"] not in PROBE_BATCHNORM:
-        raise ValueError(f"finetune.probe_batchnorm={cfg['probe_batchnorm']!r} is not one of "
-                         f"{', '.join(PROBE_BATCHNORM)}")
-    if protocol == "probe":
-        cfg["augment"] = False
+    cfg = protocol_settings(settings, dataset, protocol)
     out = Path(out or Path("runs") / run_dir_name(method, dataset, shots, seed, protocol))
     config = {"method": method, "protocol": protocol, "dataset": dataset, "shots": shots, "seed": seed,
               "preset": preset, "encoder": settings["encoder"], "pretrained": pretrained, "finetune": cfg,
@@ -80,13 +117,7 @@ def finetune(
     with run_lifecycle(out) as figures:
         L.seed_everything(seed, workers=True, verbose=False)
         share_cores(accelerator, devices)
-        datamodule = LandmarkDataModule(
-            dataset=dataset, data_dir=data_dir, shots=shots, seed=seed, resolution=cfg["resolution"],
-            batch_size=cfg["batch_size"], sigma=cfg["sigma"], augment=cfg["augment"],
-            samples_per_epoch=cfg["val_every"] * cfg["batch_size"], num_workers=cfg["num_workers"],
-            reader_options=reader_options,
-        )
-        datamodule.setup()
+        datamodule = few_shot_data(cfg, dataset, data_dir, shots, seed, reader_options)
         record["subset_ids"] = datamodule.subset_ids
         record_json(out / "config.json", {**config, "subset_ids": datamodule.subset_ids,
                                           "config_hash": record["config_hash"]})
@@ -106,17 +137,7 @@ def finetune(
                 trainer.test(model, datamodule=datamodule, verbose=False)
                 record["train_seconds"] = 0.0
             else:
-                backbone = build_backbone(method, encoder=settings["encoder"], pretrained=pretrained, dataset=dataset,
-                                          timestep=cfg["diffusion_timestep"], unet=settings["unet"],
-                                          diffusion_schedule=settings["pretrain"]["ddpm"],
-                                          noise_input=cfg["diffusion_noise_input"])
-                if protocol == "probe" and cfg["probe_batchnorm"] == "train_split":
-                    calibrate_batchnorm(backbone, datamodule.unlabelled_training_images())
-                model = LandmarkDetector(
-                    backbone=backbone, num_landmarks=datamodule.reader.num_landmarks, loss=cfg["loss"],
-                    refine_window=cfg["refine_window"], lr=cfg["lr"], weight_decay=cfg["weight_decay"],
-                    max_steps=cfg["max_steps"], warmup_steps=cfg["warmup_steps"], protocol=protocol,
-                )
+                model = landmark_detector(method, protocol, settings, cfg, datamodule, pretrained)
                 checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor="val/mre",
                                              mode="min", save_top_k=1, save_weights_only=True,
                                              enable_version_counter=False)

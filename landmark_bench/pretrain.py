@@ -27,6 +27,29 @@ RUN_KEYS = ("resolution", "crop_size", "crop_scale", "held_out_fraction", "batch
 CHECKPOINT_NAME = "pretrained.ckpt"
 
 
+def pretraining_module(method: str, settings: dict, datasets: list[str] | tuple[str, ...]) -> L.LightningModule:
+    """The module ``method`` pretrains under resolved preset ``settings`` (its network built from them)."""
+    method_class = get_method(method)
+    kwargs = {key: value for key, value in settings["pretrain"][method].items() if key not in RUN_KEYS}
+    if method_class.family == "diffusion":
+        kwargs.update(unet=settings["unet"], dataset_names=list(datasets))
+    else:
+        kwargs.update(encoder=settings["encoder"])
+    return method_class(**kwargs)
+
+
+def pretraining_data(method: str, cfg: dict, datasets: list[str] | tuple[str, ...], data_dir: str | None,
+                     seed: int = 0) -> UnlabeledDataModule:
+    """The unlabelled images ``method`` pretrains on, under its settings ``cfg``: two-view crops for an SSL method,
+    plain (cropped) images for a diffusion one."""
+    method_class = get_method(method)
+    transform = None if method_class.family == "diffusion" else method_class.views_transform(**cfg.get("views", {}))
+    return UnlabeledDataModule(datasets, data_dir, resolution=cfg["resolution"], batch_size=cfg["batch_size"],
+                               transform=transform, num_workers=cfg.get("num_workers", 0),
+                               crop_size=cfg.get("crop_size"), crop_scale=cfg.get("crop_scale"),
+                               held_out_fraction=cfg.get("held_out_fraction", 0.0), seed=seed)
+
+
 def pretrain(
     *,
     method: str,
@@ -72,18 +95,8 @@ def pretrain(
         record_json(out / "config.json", record)
         L.seed_everything(seed, workers=True, verbose=False)
         share_cores(accelerator, devices)
-        module_kwargs = {key: value for key, value in cfg.items() if key not in RUN_KEYS}
-        if diffusion:
-            module_kwargs.update(unet=settings["unet"], dataset_names=list(datasets))
-            transform = None
-        else:
-            module_kwargs.update(encoder=settings["encoder"])
-            transform = method_class.views_transform(**cfg.get("views", {}))
-        model = method_class(**module_kwargs)
-        datamodule = UnlabeledDataModule(datasets, data_dir, resolution=cfg["resolution"], batch_size=cfg["batch_size"],
-                                         transform=transform, num_workers=cfg.get("num_workers", 0),
-                                         crop_size=cfg.get("crop_size"), crop_scale=cfg.get("crop_scale"),
-                                         held_out_fraction=cfg.get("held_out_fraction", 0.0), seed=seed)
+        model = pretraining_module(method, settings, datasets)
+        datamodule = pretraining_data(method, cfg, datasets, data_dir, seed)
         loggers = run_loggers(out, out.name, wandb_group, [method, "pretrain", *datasets], config)
         try:
             periodic = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0,
