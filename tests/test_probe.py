@@ -169,3 +169,18 @@ def test_probe_of_the_mean_shape_is_refused(tmp_path, capsys):
     assert main(["finetune", "--method", "mean_shape", "--protocol", "probe", "--preset", "tiny",
                  "--out", str(tmp_path / "run")]) == 2
     assert "has no backbone to probe" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("protocol", ["finetune", "probe"])
+def test_under_bf16_autocast_the_backbone_runs_in_bf16_and_the_head_gives_float32_logits(protocol):
+    """Sub-pixel decoding reads the logits: mixed precision must not round them to bf16."""
+    settings = get_preset("tiny")
+    model = LandmarkDetector(backbone=build_backbone("scratch_unet", unet=settings["unet"]), protocol=protocol,
+                             num_landmarks=3).eval()
+    image = torch.rand(2, 1, 32, 24)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.backbone(image).dtype == torch.bfloat16
+        logits = model(image)
+    assert logits.dtype == torch.float32 and logits.shape == (2, 3, 32, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(image), atol=0.2, rtol=0.05)  # the same network, in other precision
