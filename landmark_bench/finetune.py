@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from landmark_bench.data.datamodule import LandmarkDataModule, parse_shots
 from landmark_bench.evaluation import LandmarkEvaluation
-from landmark_bench.methods import PROTOCOLS, build_backbone, family_of, get_method, method_names, preset_settings
+from landmark_bench.methods import PROTOCOLS, detector_backbone, family_of, get_method, method_names, preset_settings
 from landmark_bench.models.detector import (
     PROBE_BATCHNORM, LandmarkDetector, MeanShapeReference, calibrate_batchnorm,
 )
@@ -56,10 +56,7 @@ def landmark_detector(method: str, protocol: str, settings: dict, cfg: dict, dat
                       pretrained: str | None) -> LandmarkDetector:
     """The detector a job trains: ``method``'s backbone (a probed one with its BatchNorm statistics re-estimated on
     the training images, ``cfg["probe_batchnorm"]``) and a new head."""
-    backbone = build_backbone(method, encoder=settings["encoder"], pretrained=pretrained,
-                              dataset=datamodule.hparams.dataset,
-                              timestep=cfg["diffusion_timestep"], unet=settings["unet"],
-                              diffusion_schedule=settings["pretrain"]["ddpm"], noise_input=cfg["diffusion_noise_input"])
+    backbone = detector_backbone(method, protocol, settings, cfg, datamodule.hparams.dataset, pretrained)
     if protocol == "probe" and cfg["probe_batchnorm"] == "train_split":
         calibrate_batchnorm(backbone, datamodule.unlabelled_training_images())
     return LandmarkDetector(

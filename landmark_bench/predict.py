@@ -25,7 +25,7 @@ from landmark_bench.data.readers import DataError, DatasetReader, Record, image_
 from landmark_bench.data.registry import DATASETS, get_reader
 from landmark_bench.evaluation import predictions_frame
 from landmark_bench.io import atomic_write, write_csv
-from landmark_bench.methods import build_backbone, get_method, preset_settings
+from landmark_bench.methods import detector_backbone, get_method, preset_settings
 from landmark_bench.models.detector import LandmarkDetector
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -89,10 +89,10 @@ def load_detector(run: str | Path) -> tuple[LandmarkDetector, dict]:
     if "hyper_parameters" not in checkpoint:
         raise CheckpointError(f"checkpoint {checkpoint_path} holds no detector hyperparameters")
     settings, cfg = preset_settings(config["preset"], config.get("overrides")), config["finetune"]
-    backbone = build_backbone(config["method"], encoder=config["encoder"], pretrained=config.get("pretrained"),
-                              dataset=config["dataset"], timestep=cfg["diffusion_timestep"], unet=settings["unet"],
-                              diffusion_schedule=settings["pretrain"]["ddpm"], noise_input=cfg["diffusion_noise_input"])
-    model = LandmarkDetector(backbone=backbone, **checkpoint["hyper_parameters"])
+    hparams = checkpoint["hyper_parameters"]
+    backbone = detector_backbone(config["method"], hparams.get("protocol", "finetune"), settings,
+                                 {"diffusion_feature_stride": 1, **cfg}, config["dataset"], config.get("pretrained"))
+    model = LandmarkDetector(backbone=backbone, **hparams)
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as error:

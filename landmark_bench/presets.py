@@ -29,6 +29,9 @@ _FINETUNE_COMMON = {
     "progress_bar": False,
     "diffusion_timestep": None,  # None: the diffusion method's documented default
     "diffusion_noise_input": False,  # True: noise the image to that timestep; False: the timestep only sets the embedding
+    # fine-tuning only (a probe reads every decoder level): the stride at which the diffusion UNet detector reads its
+    # decoder; 2 drops the full-resolution level (DiffusionBackbone)
+    "diffusion_feature_stride": 1,
     # probe only: where a frozen backbone's BatchNorm statistics come from. "train_split": re-estimated on the
     # dataset's training images, labels unused, for every backbone alike (a random-init control has no statistics
     # of its own); "pretrained": as stored (the control's placeholders switch its BatchNorm off).

@@ -259,6 +259,30 @@ def test_backbone_gives_full_resolution_features_for_its_condition(cdpm_run):
         hand(torch.rand(1, 1, 30, 24))
 
 
+def test_backbone_read_at_stride_two_is_the_decoder_tap_before_the_last_upsampler(cdpm_run):
+    _, _, path = cdpm_run
+    image = torch.rand(2, 1, 32, 24)
+    full = cdpm_backbone(str(path), "hand")
+    coarse = cdpm_backbone(str(path), "hand", feature_stride=2)
+    channels = TINY_UNET["block_out_channels"][1]
+    assert coarse.out_channels == channels and coarse.pyramid_channels == full.pyramid_channels[:3]
+    assert len(coarse.unet.up_blocks) == 3 and coarse.unet.up_blocks[-1].upsamplers is None
+    with torch.no_grad():
+        features = coarse(image)
+        tap = full.pyramid(image)[2]  # the third decoder scale, before its upsampler
+        assert features.shape == (2, channels, 16, 12) and tap.shape == features.shape
+        # a new norm (identity affine at init) and the UNet's activation over that very tap
+        torch.testing.assert_close(features, F.silu(F.group_norm(tap, TINY_UNET["norm_num_groups"])))
+        torch.testing.assert_close(coarse.pyramid(image), full.pyramid(image)[:3])
+    kept = {name: tensor for name, tensor in full.state_dict().items()
+            if name in coarse.state_dict() and not name.startswith("unet.conv_norm_out.")}  # the new norm
+    assert all(torch.equal(coarse.state_dict()[name], tensor) for name, tensor in kept.items())  # pretrained weights
+    assert not any(name.startswith("unet.up_blocks.3.") for name in coarse.state_dict())
+    for stride in (0, 3, 16):
+        with pytest.raises(ValueError, match="feature_stride"):
+            cdpm_backbone(str(path), "hand", feature_stride=stride)
+
+
 def test_ddpm_round_trip_and_cross_method_rejection(ddpm_checkpoint):
     module, path = ddpm_checkpoint
     backbone = ddpm_backbone(str(path), "isbi2015")

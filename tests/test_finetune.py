@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from landmark_bench.cli import main
 from landmark_bench.finetune import finetune
+from landmark_bench.predict import load_detector
 
 
 def test_tiny_scratch_beats_mean_shape_by_a_wide_margin(tiny_runs):
@@ -32,6 +34,17 @@ def test_predictions_csv_reproduces_metrics_json_exactly(tiny_runs, tmp_path):
     assert status["status"] == "done"
     for name in ("config.json", "errors.csv", "heatmaps.png", "checkpoints/best.ckpt"):
         assert (run_dir / name).is_file(), name
+
+
+def test_unet_detector_read_at_stride_two_learns_and_predict_rebuilds_it(tiny_runs, tmp_path):
+    record = finetune(method="scratch_unet", dataset="phantom", shots=10, seed=0, preset="tiny", out=tmp_path,
+                      overrides={"finetune.diffusion_feature_stride": 2})
+    reference = tiny_runs["mean_shape"]["metrics"]["test"]["mre"]
+    assert record["metrics"]["test"]["mre"] * 1.5 < reference, (record["metrics"]["test"]["mre"], reference)
+    model, _ = load_detector(tmp_path)  # strict load: the rebuilt backbone reads at the run's stride
+    assert model.backbone.feature_stride == 2
+    with torch.no_grad():
+        assert model(torch.rand(1, 1, 80, 64)).shape == (1, model.hparams.num_landmarks, 80, 64)
 
 
 def test_non_finite_loss_stops_with_a_failed_status(tmp_path):

@@ -135,12 +135,14 @@ def test_probe_head_pools_a_full_resolution_level_to_stride_two_like_an_encoders
     assert not torch.allclose(logits, head([coarse, full.flip(-1)], (16, 20)))  # the full level is read, not dropped
 
 
-def test_control_unet_has_exactly_the_pretrained_parameters(tiny_ddpm):
+@pytest.mark.parametrize("feature_stride", [1, 2])
+def test_control_unet_has_exactly_the_pretrained_parameters(tiny_ddpm, feature_stride):
     settings = get_preset("tiny")
     shapes = {}
     for method, pretrained in (("scratch_unet", None), ("ddpm", tiny_ddpm)):
-        model = LandmarkDetector(backbone=build_backbone(method, pretrained=pretrained, unet=settings["unet"]),
-                                 num_landmarks=5)
+        backbone = build_backbone(method, pretrained=pretrained, unet=settings["unet"], feature_stride=feature_stride)
+        model = LandmarkDetector(backbone=backbone, num_landmarks=5)
+        assert model(torch.rand(2, 1, 32, 24)).shape == (2, 5, 32, 24)  # heatmaps at the input size at any stride
         shapes[method] = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
     assert shapes["scratch_unet"] == shapes["ddpm"]
 

@@ -53,6 +53,24 @@ def test_detector_starts_from_exactly_the_checkpoint_tensors(method, checkpoints
         assert torch.equal(found[name], tensor), name
 
 
+@pytest.mark.parametrize("method", method_names(pretrains=True, family="diffusion"))
+def test_unet_detector_read_at_stride_two_starts_from_the_checkpoint_tensors_it_keeps(method, checkpoints):
+    """The decoder read one level coarser keeps every pretrained tensor but those of the full-resolution level (the
+    last up block, the upsampler before it, the final norm, the output convolution); its new norm is the only
+    tensor not from the checkpoint."""
+    path = checkpoints[method]
+    detector = LandmarkDetector(num_landmarks=5, backbone=build_backbone(method, pretrained=path, dataset="phantom",
+                                                                         feature_stride=2))
+    dropped = ("conv_out.", "conv_norm_out.", "up_blocks.3.", "up_blocks.2.upsamplers.")
+    expected = {name: tensor for name, tensor in strip_prefix(read_checkpoint(path)["state_dict"], EMA_PREFIX,
+                                                              path).items()
+                if not name.startswith(dropped) and name != "n_averaged"}
+    found = detector.backbone.unet.state_dict()
+    assert set(found) - set(expected) == {"conv_norm_out.weight", "conv_norm_out.bias"}
+    for name, tensor in expected.items():
+        assert torch.equal(found[name], tensor), name
+
+
 def test_pixel_cross_entropy_loss_trains(tiny_runs, tmp_path):
     record = finetune(method="scratch", dataset="phantom", shots=10, seed=0, preset="tiny", out=tmp_path,
                       overrides={"finetune.loss": "pixel_ce", "finetune.max_steps": 300})

@@ -39,7 +39,7 @@ from landmark_bench.presets import get_preset
 
 __all__ = [
     "CONTROLS", "FAMILIES", "METHODS", "PROTOCOLS", "BackboneSpec", "DDPMPretrain", "EncoderInitialisation",
-    "EncoderPretrainer", "Initialisation", "MomentumPretrainer", "Reference", "build_backbone", "control_of",
+    "EncoderPretrainer", "Initialisation", "MomentumPretrainer", "Reference", "build_backbone", "control_of", "detector_backbone",
     "family_of", "get_method", "method_names", "preset_settings", "register",
 ]
 
@@ -57,6 +57,16 @@ def build_backbone(method: str, *, pretrained: str | None = None, **spec: Any) -
     if not method_class.pretrains and pretrained is not None:
         raise ValueError(f"method {method!r} takes no pretraining checkpoint, but --pretrained {pretrained} was given")
     return method_class.backbone(BackboneSpec(**spec), pretrained)
+
+
+def detector_backbone(method: str, protocol: str, settings: dict, cfg: dict, dataset: str,
+                      pretrained: str | None) -> nn.Module:
+    """``method``'s backbone as a ``protocol`` job on ``dataset`` builds it (also how ``predict`` rebuilds a run's):
+    a probe reads the UNet's whole decoder, a fine-tune at ``cfg["diffusion_feature_stride"]``."""
+    return build_backbone(method, encoder=settings["encoder"], pretrained=pretrained, dataset=dataset,
+                          timestep=cfg["diffusion_timestep"], unet=settings["unet"],
+                          diffusion_schedule=settings["pretrain"]["ddpm"], noise_input=cfg["diffusion_noise_input"],
+                          feature_stride=1 if protocol == "probe" else cfg["diffusion_feature_stride"])
 
 
 def preset_settings(preset: str, overrides: dict[str, Any] | None = None) -> dict:

@@ -42,6 +42,7 @@ class BackboneSpec:
     dataset: str | None = None
     timestep: int | None = None
     noise_input: bool = False
+    feature_stride: int = 1  # the diffusion UNet's decoder read at this stride (DiffusionBackbone)
     decoder_channels: tuple[int, ...] = (64, 32, 24, 16, 16)
 
 

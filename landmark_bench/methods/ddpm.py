@@ -62,7 +62,7 @@ class DDPMPretrain(L.LightningModule):
     @classmethod
     def backbone(cls, spec: BackboneSpec, checkpoint: str | None) -> DiffusionBackbone:
         """The EMA UNet of the checkpoint, conditioned (when conditional) on ``spec.dataset``."""
-        return load_backbone(checkpoint, cls, spec.dataset, spec.timestep, spec.noise_input)
+        return load_backbone(checkpoint, cls, spec.dataset, spec.timestep, spec.noise_input, spec.feature_stride)
 
     def save_sample_grid(self, path: str | Path) -> Path:
         return save_sample_grid(self, path)
@@ -241,11 +241,13 @@ def load_backbone(
     dataset_name: str | None,
     timestep: int | None,
     noise_input: bool = False,
+    feature_stride: int = 1,
 ) -> DiffusionBackbone:
     """The EMA UNet of a ``method`` checkpoint as a fine-tuning backbone (shared by ddpm and cdpm_align).
 
     ``timestep`` ``None`` takes the checkpoint's ``backbone_timestep`` (``DEFAULT_BACKBONE_TIMESTEP`` for
-    checkpoints without one); ``noise_input``: see ``DiffusionBackbone``, noised with the checkpoint's schedule.
+    checkpoints without one); ``noise_input``: see ``DiffusionBackbone``, noised with the checkpoint's schedule;
+    ``feature_stride``: see ``DiffusionBackbone``.
 
     The UNet is rebuilt from the saved hyperparameters and loaded strictly: a missing or extra tensor is an
     error naming the file. A conditional UNet runs with ``dataset_name``'s index in the saved pretraining
@@ -274,6 +276,7 @@ def load_backbone(
         timestep=hparams.get("backbone_timestep", DEFAULT_BACKBONE_TIMESTEP) if timestep is None else timestep,
         condition_index=condition_index,
         noise_input=noise_input,
+        feature_stride=feature_stride,
         noise_scheduler=make_noise_scheduler(hparams),
     )
 

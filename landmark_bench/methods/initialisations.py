@@ -54,4 +54,5 @@ class ScratchUNet(Initialisation):
         timestep = schedule.get("backbone_timestep", DEFAULT_BACKBONE_TIMESTEP) if spec.timestep is None \
             else spec.timestep
         return DiffusionBackbone(build_unet(spec.unet), timestep=timestep, noise_input=spec.noise_input,
+                                 feature_stride=spec.feature_stride,
                                  noise_scheduler=make_noise_scheduler(schedule))

@@ -98,7 +98,7 @@ def warmup_cosine(step: int, warmup_steps: int, max_steps: int) -> float:
 
 
 class LandmarkDetector(L.LightningModule):
-    """A backbone giving full-resolution features and a new output layer giving one heatmap per landmark.
+    """A backbone giving dense features and a new output layer giving one heatmap per landmark at the input size.
 
     ``softmax_ce`` (default): each landmark's heatmap is a distribution over pixels, trained by
     cross-entropy against a Gaussian target. ``pixel_ce``: Di Via et al.'s per-pixel cross-entropy
@@ -186,7 +186,12 @@ class LandmarkDetector(L.LightningModule):
                 return self.head([level.float() for level in pyramid], image.shape[-2:])
         features = self.backbone(image)
         with torch.autocast(image.device.type, enabled=False):
-            return self.head(features.float())
+            logits = self.head(features.float())
+        if logits.shape[-2:] == image.shape[-2:]:
+            return logits
+        # a backbone read at a coarser stride (DiffusionBackbone.feature_stride): the maps at the input size, as the
+        # probe head's
+        return F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) image in [0, 1] -> (B, L, H, W) landmark heatmap logits."""

@@ -97,6 +97,11 @@ class DiffusionBackbone(nn.Module):
     with ``conv_out`` removed, at full input resolution, so the detector adds its own output layer for the
     landmark heatmaps.
 
+    ``feature_stride`` 2 (or 4, ...) reads the decoder that many times coarser instead: the last up block(s) and the
+    upsampler before them are removed, and a new GroupNorm and SiLU stand in for the final norm at that level's
+    width. On the ``cpu`` UNet the full-resolution upsampler and last up block are about a third of the fine-tuning
+    backbone's multiply-adds; the detector upsamples its heatmap logits to the input size.
+
     ``noise_input`` decides what the timestep means downstream. ``False`` (default): the clean image goes in
     and the timestep only sets the time embedding (Di Via et al. fine-tune on clean images). ``True``: the
     image is first noised to ``timestep`` with ``noise_scheduler`` (as the reported CDPM-Align features at
@@ -115,6 +120,7 @@ class DiffusionBackbone(nn.Module):
         noise_input: bool = False,
         noise_scheduler: DDPMScheduler | None = None,
         noise_seed: int = 0,
+        feature_stride: int = 1,
     ):
         super().__init__()
         if (condition_index is None) != (unet.class_embedding is None):
@@ -128,8 +134,15 @@ class DiffusionBackbone(nn.Module):
             )
         if noise_input and noise_scheduler is None:
             raise ValueError("noise_input=True needs the noise_scheduler the UNet was pretrained with")
-        self.out_channels: int = unet.config.block_out_channels[0]
-        self.pyramid_channels: list[int] = list(reversed(unet.config.block_out_channels))  # decoder taps, coarsest first
+        levels = len(unet.config.block_out_channels)
+        dropped = feature_stride.bit_length() - 1
+        if feature_stride < 1 or feature_stride != 2**dropped or dropped >= levels:
+            raise ValueError(f"feature_stride={feature_stride} is not a power of two of at most {2 ** (levels - 1)} "
+                             f"(this UNet has {levels} levels)")
+        self.feature_stride = feature_stride
+        self.out_channels: int = unet.config.block_out_channels[dropped]
+        # decoder taps, coarsest first
+        self.pyramid_channels: list[int] = list(reversed(unet.config.block_out_channels))[: levels - dropped]
         self.timestep = timestep
         self.condition_index = condition_index
         self.noise_input = noise_input
@@ -137,6 +150,11 @@ class DiffusionBackbone(nn.Module):
         self.noise_seed = noise_seed
         self.size_multiple = 2 ** (len(unet.config.block_out_channels) - 1)
         unet.conv_out = nn.Identity()
+        if dropped:
+            unet.up_blocks = unet.up_blocks[: levels - dropped]
+            unet.up_blocks[-1].upsamplers = None
+            unet.conv_norm_out = nn.GroupNorm(unet.config.norm_num_groups, self.out_channels,
+                                              eps=unet.config.norm_eps)
         self.unet = unet
 
     def prepare(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -159,7 +177,8 @@ class DiffusionBackbone(nn.Module):
         return sample, timesteps, class_labels
 
     def forward(self, image: Tensor) -> Tensor:
-        """(B, 1, H, W) image in [0, 1] to (B, out_channels, H, W) features; H and W divisible by ``size_multiple``."""
+        """(B, 1, H, W) image in [0, 1] to (B, out_channels, H / feature_stride, W / feature_stride) features; H and W
+        divisible by ``size_multiple``."""
         return self.unet(*self.prepare(image)).sample
 
     def pyramid(self, image: Tensor) -> list[Tensor]:
