@@ -30,7 +30,8 @@ _FINETUNE_COMMON = {
     "diffusion_timestep": None,  # None: the diffusion method's documented default
     "diffusion_noise_input": False,  # True: noise the image to that timestep; False: the timestep only sets the embedding
     # fine-tuning only (a probe reads every decoder level): the stride at which the diffusion UNet detector reads its
-    # decoder; 2 drops the full-resolution level (DiffusionBackbone)
+    # decoder; 2 drops the full-resolution level (DiffusionBackbone): a third less time per cpu fine-tune, measured on
+    # ISBI validation and not adopted (cdpm_align 0.19 mm worse, results/selection/unet_stride.md)
     "diffusion_feature_stride": 1,
     # probe only: where a frozen backbone's BatchNorm statistics come from. "train_split": re-estimated on the
     # dataset's training images, labels unused, for every backbone alike (a random-init control has no statistics
