@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -19,6 +20,15 @@ def test_tiny_scratch_beats_mean_shape_by_a_wide_margin(tiny_runs):
     assert learned["mre"] * 4 < reference["mre"], (learned["mre"], reference["mre"])
     assert learned["ere"] is not None and reference["ere"] is None
     assert tiny_runs["scratch"]["subset_ids"] == tiny_runs["mean_shape"]["subset_ids"]  # same images, any method
+
+
+def test_validation_computes_ere_only_in_the_pass_that_ends_training(tiny_runs):
+    run_dir = Path(tiny_runs["scratch"]["run_dir"])
+    logged = pd.concat(pd.read_csv(path) for path in run_dir.glob("logs/**/metrics.csv"))
+    passes = logged.dropna(subset=["val/mre"]).sort_values("step")
+    assert len(passes) == 3  # tiny: 60 steps, a pass every 20
+    assert passes["val/ere"].isna().tolist() == [True, True, False]
+    assert tiny_runs["scratch"]["metrics"]["val"]["ere"] == pytest.approx(passes["val/ere"].iloc[-1])
 
 
 def test_predictions_csv_reproduces_metrics_json_exactly(tiny_runs, tmp_path):

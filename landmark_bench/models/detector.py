@@ -8,6 +8,7 @@ import lightning.pytorch as L
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.optim.swa_utils import update_bn
 
 from landmark_bench.geometry import to_original
@@ -215,16 +216,22 @@ class LandmarkDetector(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
         return loss
 
-    def infer(self, batch: dict, split: str | None = None) -> dict[str, torch.Tensor]:
-        """Predictions in original pixels, their ERE, and the heatmap logits (``split``: cache key of a probe)."""
+    def infer(self, batch: dict, split: str | None = None, with_ere: bool = True) -> dict[str, torch.Tensor | None]:
+        """Predictions in original pixels, their ERE (None without ``with_ere``), and the heatmap logits (``split``:
+        cache key of a probe)."""
         logits = self._heatmaps(self._logits(batch["image"], split, batch.get("index")))
         points = decode_heatmaps(logits.float(), self.hparams.refine_window)
         pred = to_original(points, batch["orig_size"], logits.shape[-2:])
-        ere = expected_radial_error(logits.float(), pred, batch["orig_size"], batch["spacing"])
+        ere = expected_radial_error(logits.float(), pred, batch["orig_size"], batch["spacing"]) if with_ere else None
         return {"pred": pred, "ere": ere, "logits": logits}
 
-    def validation_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
-        return self.infer(batch, "val")
+    def validation_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor | None]:
+        """ERE only in the validation pass that ends a fit (the run's reported validation figures) and outside a fit:
+        no model selection reads it, and its float64 map over every pixel of every landmark is the costliest part of
+        a pass when there are many landmarks and validation images (AASCE 2019)."""
+        trainer = self.trainer
+        final = trainer.state.fn != TrainerFn.FITTING or trainer.global_step >= trainer.max_steps
+        return self.infer(batch, "val", with_ere=final)
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         return self.infer(batch)
