@@ -68,7 +68,7 @@ def test_tiny_finetune_on_a_few_real_aasce_images_reports_pixels(data_dir, tmp_p
                  "--preset", "tiny", "--out", str(out), "--set", "finetune.max_steps=4", "finetune.val_every=2",
                  "dataset_finetune.aasce2019.batch_size=2"]) == 0
     record = json.loads((out / "run.json").read_text())
-    assert record["finetune"]["resolution"] == [128, 48] and record["finetune"]["sigma"] == 1.5
+    assert record["finetune"]["resolution"] == [128, 48] and record["finetune"]["sigma"] == 2.5
     assert record["finetune"]["batch_size"] == 2 and record["finetune"]["max_steps"] == 4
     others = [finetune(method=method, dataset="aasce2019", data_dir=str(data), shots=5, seed=0, preset="tiny",
                        out=tmp_path / method, overrides={"finetune.max_steps": 2, "finetune.val_every": 2})
