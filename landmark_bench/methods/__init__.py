@@ -39,8 +39,8 @@ from landmark_bench.presets import get_preset
 
 __all__ = [
     "CONTROLS", "FAMILIES", "METHODS", "PROTOCOLS", "BackboneSpec", "DDPMPretrain", "EncoderInitialisation",
-    "EncoderPretrainer", "Initialisation", "MomentumPretrainer", "Reference", "build_backbone", "control_of", "detector_backbone",
-    "family_of", "get_method", "method_names", "preset_settings", "register",
+    "EncoderPretrainer", "Initialisation", "MomentumPretrainer", "Reference", "build_backbone", "control_of",
+    "detector_backbone", "family_of", "get_method", "method_names", "preset_settings", "register",
 ]
 
 
