@@ -157,7 +157,21 @@ def publish_leaderboard(sweep_dir: Path) -> None:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> None:
-    publish_leaderboard(Path(args.sweep_dir))
+    """One sweep: its own leaderboard (as the sweep writes it). Several (e.g. one per dataset): one leaderboard over
+    all their rows, with the mean ranks across datasets, in ``--out``."""
+    from landmark_bench.leaderboard import build_leaderboard
+
+    if len(args.sweep_dirs) == 1 and not args.out:
+        publish_leaderboard(Path(args.sweep_dirs[0]))
+        return
+    if not args.out:
+        raise ValueError("several sweeps make one leaderboard: say where it goes with --out")
+    sources = [Path(folder) / "results.csv" for folder in args.sweep_dirs]
+    if missing := [str(path) for path in sources if not path.is_file()]:
+        raise ValueError(f"no results.csv: {', '.join(missing)}")
+    paths = build_leaderboard(sources, args.out)
+    print(Path(paths["markdown"]).read_text())
+    print("files:\n" + "\n".join(f"  {name}: {path}" for name, path in paths.items()))
 
 
 def cmd_ablation(args: argparse.Namespace) -> None:
@@ -288,8 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_arguments(sweep)
     sweep.set_defaults(run=cmd_sweep)
 
-    leaderboard = commands.add_parser("leaderboard", help="tables and figures from a sweep's results.csv")
-    leaderboard.add_argument("sweep_dir")
+    leaderboard = commands.add_parser("leaderboard", help="tables and figures from a sweep's results.csv (or several)")
+    leaderboard.add_argument("sweep_dirs", nargs="+", metavar="SWEEP",
+                             help="sweep folders (or any folder with a results.csv)")
+    leaderboard.add_argument("--out", help="folder for the tables and figures (default, one sweep: SWEEP/leaderboard)")
     leaderboard.set_defaults(run=cmd_leaderboard)
     ablation = commands.add_parser("ablation", help="one method in two sweeps that differ by one setting (--set)")
     ablation.add_argument("base", help="sweep folder with the preset's setting")

@@ -93,14 +93,16 @@ def method_order(methods: Iterable[str]) -> list[str]:
     return [m for m in METHOD_ORDER if m in methods] + sorted(methods - set(METHOD_ORDER))
 
 
-def read_results(path: str | Path) -> pd.DataFrame:
-    """``results.csv`` with shots as strings and seeds as nullable ints.
+def read_results(*paths: str | Path) -> pd.DataFrame:
+    """``results.csv`` (or several, e.g. two datasets' sweeps, as one) with shots as strings and seeds as nullable
+    ints.
 
     A failed row superseded by a done row of the same job (a retry) is dropped; two done rows of one job
     are an error, since averaging or picking one would silently change the numbers.
     """
     text_columns = ["method", "dataset", "status", "reason", "run_dir", "unit", "subset_ids", "shots", "protocol"]
-    frame = pd.read_csv(path, dtype={column: str for column in text_columns})
+    frame = pd.concat([pd.read_csv(path, dtype={column: str for column in text_columns}) for path in paths],
+                      ignore_index=True)
     frame["shots"] = frame["shots"].map(_normalise_shots)
     protocol = frame["protocol"] if "protocol" in frame else pd.Series("", index=frame.index, dtype=str)
     frame["protocol"] = protocol.fillna("").str.strip().replace("", DEFAULT_PROTOCOL)
@@ -110,7 +112,7 @@ def read_results(path: str | Path) -> pd.DataFrame:
     duplicated = frame[done][frame[done].duplicated(RUN_KEY, keep=False)]
     if not duplicated.empty:
         jobs = sorted({tuple(str(v) for v in key) for key in duplicated[RUN_KEY].itertuples(index=False)})
-        raise ValueError(f"{path}: several done rows for one job ({', '.join(RUN_KEY)}): {jobs}")
+        raise ValueError(f"{', '.join(map(str, paths))}: several done rows for one job ({', '.join(RUN_KEY)}): {jobs}")
     frame = frame.assign(_done=done).sort_values("_done", kind="stable")
     return frame.drop_duplicates(RUN_KEY, keep="last").drop(columns="_done").sort_index()
 
@@ -852,9 +854,11 @@ def tidy(tables: list[Table]) -> pd.DataFrame:
     return frame[leading + sdr + best + [c for c in frame.columns if c not in {*leading, *sdr, *best}]]
 
 
-def build_leaderboard(results_csv: str | Path, out_dir: str | Path, expected_seeds: int | None = None,
-                      overlay_shots: str | None = None, overlay_seed: int | None = None) -> dict[str, Path]:
-    """Write ``leaderboard.md``, ``leaderboard.tex``, ``leaderboard.csv`` and the figures into ``out_dir``.
+def build_leaderboard(results_csv: str | Path | list[str | Path], out_dir: str | Path,
+                      expected_seeds: int | None = None, overlay_shots: str | None = None,
+                      overlay_seed: int | None = None) -> dict[str, Path]:
+    """Write ``leaderboard.md``, ``leaderboard.tex``, ``leaderboard.csv`` and the figures into ``out_dir``, from one
+    ``results.csv`` or several read as one (``read_results``).
 
     ``expected_seeds`` defaults to the most seeds any method has rows for in a (dataset, shots) cell.
     Returns the written paths by name (``markdown``, ``latex``, ``csv``, ``across_datasets`` (the mean ranks, where
@@ -862,7 +866,7 @@ def build_leaderboard(results_csv: str | Path, out_dir: str | Path, expected_see
     ``gain_vs_control_<dataset>_<shots>shots``, ``overlays``); a figure with nothing to show is not written.
     """
     out_dir = Path(out_dir)
-    results = read_results(results_csv)
+    results = read_results(*(results_csv if isinstance(results_csv, list) else [results_csv]))
     tables = build_tables(results, expected_seeds)
     paths = {"markdown": out_dir / "leaderboard.md", "latex": out_dir / "leaderboard.tex",
              "csv": out_dir / "leaderboard.csv"}

@@ -130,3 +130,24 @@ def test_mean_rank_across_datasets(tmp_path):
     assert lines[1] == "| scratch | 1.83 | 2.00 ± 0.14 (2) | 10.00 ± 0.14 (1) | 5.00 ± 0.14 (2.5) |"
     assert lines[4].startswith("| dino | – | 4.00 ± 0.14 (4) | – |")
     assert "Across datasets: probe" not in text and "Across datasets: finetune, 25 shots" not in text
+
+
+def test_leaderboard_over_one_sweep_per_dataset_ranks_across_them(tmp_path, capsys):
+    """Sweeps run apart, one per dataset, give through ``landmark-bench leaderboard A B --out`` the same mean ranks
+    as one sweep holding every row; a job done in two of them is an error naming both files."""
+    together = pd.read_csv(hand_made_results(tmp_path))
+    for dataset, rows in together.groupby("dataset"):
+        (tmp_path / dataset).mkdir()
+        rows.to_csv(tmp_path / dataset / "results.csv", index=False)
+    folders = [str(tmp_path / dataset) for dataset in sorted(MRE)]
+    assert main(["leaderboard", *folders, "--out", str(tmp_path / "apart")]) == 0
+    expected = build_leaderboard(tmp_path / "results.csv", tmp_path / "together")
+    assert (tmp_path / "apart" / "across_datasets.csv").read_text() == expected["across_datasets"].read_text()
+    assert "## Across datasets: finetune, 10 shots" in capsys.readouterr().out
+
+    assert main(["leaderboard", *folders]) != 0
+    assert "--out" in capsys.readouterr().err
+    assert main(["leaderboard", folders[0], folders[0], "--out", str(tmp_path / "twice")]) != 0
+    error = capsys.readouterr().err
+    assert "several done rows for one job" in error and error.count(f"{folders[0]}/results.csv") == 2
+    assert not (tmp_path / "twice").exists()
