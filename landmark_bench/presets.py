@@ -239,7 +239,12 @@ ESTIMATE: dict[str, dict] = {
             # dino: taken as simclr's (two 64-px views per image through the same encoder since it has no local
             # crops), not timed on its own
             "pretrain_step": {"ddpm": 0.7, "cdpm_align": 0.9, "simclr": 1.02, "moco": 1.2, "dino": 1.02},
-            "pretrain_step_by_family": {"encoder": 1.2, "diffusion": 0.9}},
+            "pretrain_step_by_family": {"encoder": 1.2, "diffusion": 0.9},
+            # AASCE 2019 (68 landmarks, 96 validation images) at the same steps and pixels per step as ISBI: the
+            # ratio of its jobs' wall time less start-up to ISBI's model, from the 10-shot spine sweep of
+            # 2026-12-03 (benchmarks/RESULTS.md)
+            "dataset_factor": {"aasce2019": {"finetune": {"encoder": 2.4, "diffusion": 1.35},
+                                             "probe": {"encoder": 6.0, "diffusion": 2.8}}}},
     "paper": {"startup": 30.0, "evaluation": {"encoder": 30.0, "diffusion": 60.0},
               "finetune_step": {"encoder": 0.05, "diffusion": 0.1}, "probe_step": {"encoder": 0.01, "diffusion": 0.01},
               "pretrain_step": {"ddpm": 0.1, "cdpm_align": 0.12, "simclr": 0.1, "moco": 0.1, "dino": 0.15},

@@ -11,7 +11,9 @@ import submitit
 
 from landmark_bench.cli import main
 from landmark_bench.io import KILL_AT, KILL_SIGNAL
-from landmark_bench.sweep import by_priority, estimated_wall_seconds, needs_of, plan, run_sweep
+from landmark_bench.methods import family_of
+from landmark_bench.presets import ESTIMATE
+from landmark_bench.sweep import by_priority, estimate_seconds, estimated_wall_seconds, needs_of, plan, run_sweep
 
 SWEEP = ["--methods", "mean_shape", "scratch", "--datasets", "phantom", "--shots", "5", "--seeds", "0", "1",
          "--preset", "tiny"]
@@ -127,6 +129,22 @@ def test_local_slots_fill_while_pretraining_and_fine_tunes_wait_for_it(tmp_path)
                for run in results.run_dir}
     assert all(start > pretrained_at for name, start in started.items() if name.startswith("simclr")), started
     assert any(start < pretrained_at for name, start in started.items() if name.startswith("mean_shape")), started
+
+
+def test_a_dataset_timed_apart_costs_its_measured_factor_in_the_dry_run(tmp_path):
+    """AASCE 2019's jobs (68 landmarks, 96 validation images) take longer than ISBI's at the same steps and pixels
+    per step: the cpu cost model scales their training and evaluation by the factor measured per protocol and
+    family, and leaves the start-up as it is."""
+    estimate = ESTIMATE["cpu"]
+    protocols = ["finetune", "probe"]
+    _, isbi = plan(tmp_path, ["scratch", "ddpm"], ["isbi2015"], [10], [0], "cpu", protocols=protocols)
+    _, aasce = plan(tmp_path, ["scratch", "ddpm"], ["aasce2019"], [10], [0], "cpu", protocols=protocols)
+    assert len(isbi) == len(aasce) == 4
+    for on_isbi, on_aasce in zip(isbi, aasce):
+        factor = estimate["dataset_factor"]["aasce2019"][on_isbi.protocol][family_of(on_isbi.method)]
+        assert factor > 1
+        assert estimate_seconds(on_aasce) - estimate["startup"] == pytest.approx(
+            factor * (estimate_seconds(on_isbi) - estimate["startup"]))
 
 
 def test_dry_run_wall_estimate_replays_the_local_schedule(tmp_path):

@@ -96,7 +96,8 @@ def plan(
 
 def estimate_seconds(job: Job) -> float:
     """The preset's own per-step estimate times the steps, plus a fixed start-up and evaluation cost; a method the
-    cost model does not name costs as much as its family's costliest."""
+    cost model does not name costs as much as its family's costliest; a fine-tune or probe on a dataset the model
+    has measured apart (``dataset_factor``) costs that many times its training and evaluation."""
     settings = preset_settings(job.preset, job.overrides)
     estimate, family = settings["estimate"], family_of(job.method)
     if isinstance(job, PretrainJob):
@@ -106,7 +107,9 @@ def estimate_seconds(job: Job) -> float:
     if family is None:
         return estimate["startup"]
     steps = finetune_settings(settings, job.dataset)["max_steps"]
-    return estimate["startup"] + estimate["evaluation"][family] + steps * estimate[f"{job.protocol}_step"][family]
+    factor = estimate.get("dataset_factor", {}).get(job.dataset, {}).get(job.protocol, {}).get(family, 1.0)
+    return estimate["startup"] + factor * (estimate["evaluation"][family]
+                                           + steps * estimate[f"{job.protocol}_step"][family])
 
 
 def by_priority(pretraining: list[PretrainJob], finetunes: list[FinetuneJob]) -> list[Job]:
