@@ -21,6 +21,7 @@ LAUNCHER ?= local
 JOBS ?= 2
 SLOTS ?= $(foreach _,$(shell seq $(JOBS)),cpu)
 TEST_DATA_DIR ?= $(if $(DATA_DIR),$(DATA_DIR),../shared/data)
+TEST_WORKERS ?= $(shell nproc)
 
 .PHONY: help install test benchmark clean
 
@@ -36,9 +37,9 @@ install: $(VENV)/.installed ## create .venv and install the package with its tes
 
 test: $(VENV)/.installed ## check the import layers, then run the test suite on the real data (DATA_DIR, default ../shared/data) and the phantom
 	$(VENV)/bin/lint-imports --no-cache
-	# one thread per process: tiny models and parallel test processes gain nothing from more; the 15 slowest tests
-	# are listed, to watch the 10-minute budget
-	OMP_NUM_THREADS=1 DATA_DIR=$(TEST_DATA_DIR) $(PY) -m pytest -q --durations=15
+	# one pytest worker per core, each test file on one worker (its module fixtures built once), one thread per
+	# process: tiny models gain nothing from more; the 15 slowest tests are listed, to watch the 10-minute budget
+	OMP_NUM_THREADS=1 DATA_DIR=$(TEST_DATA_DIR) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 benchmark: $(VENV)/.installed ## sweep METHODS x PROTOCOLS x DATASETS x SHOTS x SEEDS under PRESET, print the leaderboard
 	$(VENV)/bin/landmark-bench sweep --preset $(PRESET) --methods $(METHODS) --protocols $(PROTOCOLS) --datasets $(DATASETS) \

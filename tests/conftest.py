@@ -67,8 +67,12 @@ def data_dir() -> Path:
 
 @pytest.fixture(autouse=True, scope="session")
 def image_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Tests share one image cache, kept out of the user's ~/.cache unless CI points it elsewhere."""
-    path = Path(os.environ.get("LANDMARK_BENCH_CACHE") or tmp_path_factory.mktemp("cache"))
+    """Tests share one image cache, kept out of the user's ~/.cache unless CI points it elsewhere; pytest-xdist's
+    workers share it too (in their common temp folder; cache entries are written atomically)."""
+    base = tmp_path_factory.getbasetemp()
+    path = Path(os.environ.get("LANDMARK_BENCH_CACHE")
+                or (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "image-cache")
+    path.mkdir(parents=True, exist_ok=True)
     os.environ["LANDMARK_BENCH_CACHE"] = str(path)
     os.environ["WANDB_MODE"] = "disabled"  # the W&B test turns it on (offline) for itself
     return path
