@@ -190,7 +190,7 @@ def cmd_robustness(args: argparse.Namespace) -> None:
 
     out = Path(args.out) if args.out else Path(args.sweep_dir) / "robustness.md"
     print(robustness(args.sweep_dir, out, perturbations=args.perturbations, methods=args.methods, seeds=args.seeds,
-                     data_dir=args.data_dir, accelerator=args.accelerator))
+                     data_dir=args.data_dir, accelerator=args.accelerator, split=args.split))
     print(f"wrote {out} and {out.with_suffix('.csv')}")
 
 
@@ -323,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     robust.add_argument("--seeds", nargs="+", type=integer, default=[0, 1], help="perturbation seeds")
     robust.add_argument("--data-dir", help="default: the sweep's (sweep.json)")
     robust.add_argument("--out", help="Markdown table (default SWEEP_DIR/robustness.md); the rows go beside it (.csv)")
+    robust.add_argument("--split", choices=["test", "val"], default="test",
+                        help="val: score the validation split instead, to choose settings (e.g. the augmentation)")
     robust.add_argument("--accelerator", default="auto")
     robust.set_defaults(run=cmd_robustness)
     return parser

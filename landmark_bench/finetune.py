@@ -45,6 +45,7 @@ def few_shot_data(cfg: dict, dataset: str, data_dir: str | None, shots: int | st
     datamodule = LandmarkDataModule(
         dataset=dataset, data_dir=data_dir, shots=shots, seed=seed, resolution=cfg["resolution"],
         batch_size=cfg["batch_size"], sigma=cfg["sigma"], augment=cfg["augment"],
+        augment_strength=cfg["augment_strength"], augment_noise=cfg["augment_noise"],
         samples_per_epoch=cfg["val_every"] * cfg["batch_size"], num_workers=cfg["num_workers"],
         reader_options=reader_options,
     )

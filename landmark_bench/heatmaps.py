@@ -85,8 +85,11 @@ def decode_heatmaps(logits: Tensor, window: int = 2) -> Tensor:
     if window < 0:
         raise ValueError(f"window must be >= 0, got {window}")
     height, width = logits.shape[-2:]
-    flat_logits = logits.detach().flatten(-2).double()  # (B, L, h*w)
+    # the peak is found at the logits' own precision (a float's conversion to float64 is exact and keeps the
+    # order), and only the window around it is converted: a whole float64 copy of the maps cost as much as the rest
+    flat_logits = logits.detach().flatten(-2)  # (B, L, h*w)
     peak_value, peak_index = flat_logits.max(-1)
+    peak_value = peak_value.double()
     peak_y, peak_x = peak_index // width, peak_index % width
 
     offsets = torch.arange(-window, window + 1, device=logits.device)
@@ -97,7 +100,7 @@ def decode_heatmaps(logits: Tensor, window: int = 2) -> Tensor:
     cell_index = cell_y.clamp(0, height - 1) * width + cell_x.clamp(0, width - 1)
 
     # softmax probabilities up to the normaliser, which cancels in the weighted mean
-    weight = (flat_logits.gather(-1, cell_index) - peak_value.unsqueeze(-1)).exp() * inside
+    weight = (flat_logits.gather(-1, cell_index).double() - peak_value.unsqueeze(-1)).exp() * inside
     weight = weight / weight.sum(-1, keepdim=True)
     x = (weight * cell_x.double()).sum(-1)
     y = (weight * cell_y.double()).sum(-1)

@@ -20,6 +20,11 @@ import yaml
 _FINETUNE_COMMON = {
     "sigma": 2.0,  # Gaussian target, network pixels
     "augment": True,
+    # the training augmentation's magnitudes (data.transforms.Augment): ``augment_strength`` scales the affine and
+    # intensity ranges (1: rotation 10 degrees, scale 10 %, shift 5 %, gamma exp(0.3), contrast 25 %, brightness 0.1),
+    # ``augment_noise`` the largest standard deviation of added Gaussian noise (0: none)
+    "augment_strength": 1.0,
+    "augment_noise": 0.0,
     "loss": "softmax_ce",
     "refine_window": 6,  # 3 sigma: the window mean is unbiased for the target width (see decode_heatmaps)
     "weight_decay": 1e-4,

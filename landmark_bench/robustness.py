@@ -31,6 +31,7 @@ from landmark_bench.methods import get_method
 from landmark_bench.predict import check_same_landmarks, load_detector, network_images
 
 CLEAN = "clean"
+SPLITS = ("test", "val")
 
 
 def done_runs(sweep_dir: Path, methods: list[str] | None) -> tuple[pd.DataFrame, list[str]]:
@@ -110,22 +111,32 @@ def clean_result(run: pd.Series, split: str) -> dict:
             "mre_std": run[f"{split}_mre_std"], "sdr": sdr}
 
 
-def score_dataset(runs: pd.DataFrame, reader: DatasetReader, names: list[str], seeds: list[int], accelerator: str
-                  ) -> tuple[list[dict], dict[str, float]]:
+def score_dataset(runs: pd.DataFrame, reader: DatasetReader, names: list[str], seeds: list[int], accelerator: str,
+                  split: str = "test") -> tuple[list[dict], dict[str, float]]:
     """Rows for every run of one dataset under every (perturbation, seed), with the clean row of each run; and per
-    perturbation the fraction of images whose perturbation was shrunk to keep the landmarks in the frame."""
-    split = reader.test_splits[-1]  # the pooled split where there are several, as the run's own metrics
+    perturbation the fraction of images whose perturbation was shrunk to keep the landmarks in the frame.
+
+    ``split`` "test": the pooled test split where there are several, clean as the run's own metrics; "val": the
+    validation split, for choosing settings, clean scored here by the same path (``results.csv`` holds the last
+    validation pass, not the restored checkpoint's)."""
+    if split not in SPLITS:
+        raise ValueError(f"robustness split {split!r} is not one of {', '.join(SPLITS)}")
+    own_metrics = split == "test"
+    split = reader.test_splits[-1] if own_metrics else split
     records = reader.records(split)
     sizes = {as_size(json.loads((run / "config.json").read_text())["finetune"]["resolution"])
              for run in runs.run_folder}
     rows = []
     with tempfile.TemporaryDirectory(prefix="landmark-bench-robustness-") as scratch:
         inputs = perturbed_inputs(reader, split, names, seeds, sizes, Path(scratch))
+        clean = {} if own_metrics else {size: network_images(reader, records, size, Path(scratch)) for size in sizes}
     for _, run in runs.iterrows():
         model, config = load_detector(run.run_folder)
         check_same_landmarks(config["dataset"], reader, model.hparams.num_landmarks)
         size = as_size(config["finetune"]["resolution"])
-        rows.append(result_row(run, split, CLEAN, np.nan, clean_result(run, split)))
+        clean_row = clean_result(run, split) if own_metrics else \
+            score(records, predict_points(model, config, clean[size], records, accelerator))
+        rows.append(result_row(run, split, CLEAN, np.nan, clean_row))
         for (name, seed), (perturbed, pixels) in inputs.items():
             pred = predict_points(model, config, pixels[size], perturbed.records(split), accelerator)
             back = np.stack([move_points(np.linalg.inv(perturbed.affines[record.image_id].matrix), points)
@@ -139,12 +150,14 @@ def score_dataset(runs: pd.DataFrame, reader: DatasetReader, names: list[str], s
 
 
 def markdown(frame: pd.DataFrame, names: list[str], seeds: Sequence[int], shrunk: dict[str, dict[str, float]],
-             notes: list[str], title: str) -> str:
+             notes: list[str], title: str, split: str = "test") -> str:
     """One table per (dataset, shots): a row per (method, protocol), clean MRE and MRE under each perturbation
     (means over the run seeds and the perturbation seeds), then the same for the first SDR threshold."""
+    clean = ("the run's own test metrics" if split == "test"
+             else "the unperturbed images, scored by the same path with the restored checkpoint")
     lines = [f"# Robustness: {title}", "",
-             f"Every method sees the same perturbed test images (perturbation seeds {', '.join(map(str, seeds))}); "
-             "clean: the run's own test metrics. Values are means over the sweep's seeds of the mean over the "
+             f"Every method sees the same perturbed {split} images (perturbation seeds {', '.join(map(str, seeds))}); "
+             f"clean: {clean}. Values are means over the sweep's seeds of the mean over the "
              "perturbation seeds. Geometric perturbations are shrunk towards the identity (in tenths) until every "
              f"landmark lies {MARGIN:.0%} of the shorter side inside the frame, so every point is scored; errors "
              "are measured in the original image (predictions mapped back by the exact inverse affine).", ""]
@@ -175,9 +188,9 @@ def markdown(frame: pd.DataFrame, names: list[str], seeds: Sequence[int], shrunk
 
 def robustness(sweep_dir: str | Path, out: str | Path, *, perturbations: list[str] | None = None,
                methods: list[str] | None = None, seeds: Sequence[int] = (0, 1), data_dir: str | None = None,
-               accelerator: str = "auto") -> str:
-    """Score every done run of ``sweep_dir`` on each perturbation x seed of its test split; write ``out`` (Markdown)
-    and the per-run rows beside it (``.csv``); return the Markdown."""
+               accelerator: str = "auto", split: str = "test") -> str:
+    """Score every done run of ``sweep_dir`` on each perturbation x seed of its ``split`` (test, or val to choose
+    settings); write ``out`` (Markdown) and the per-run rows beside it (``.csv``); return the Markdown."""
     sweep_dir, out = Path(sweep_dir), Path(out)
     names = list(perturbations or PERTURBATIONS)
     for name in names:
@@ -188,10 +201,10 @@ def robustness(sweep_dir: str | Path, out: str | Path, *, perturbations: list[st
     rows, shrunk = [], {}
     for (dataset, options), group in runs.groupby(["dataset", "reader_options"], sort=True):
         reader = get_reader(dataset, data_dir, **json.loads(options))
-        dataset_rows, shrunk[dataset] = score_dataset(group, reader, names, list(seeds), accelerator)
+        dataset_rows, shrunk[dataset] = score_dataset(group, reader, names, list(seeds), accelerator, split)
         rows += dataset_rows
     frame = pd.DataFrame(rows)
     write_csv(out.with_suffix(".csv"), frame)
-    text = markdown(frame, names, list(seeds), shrunk, notes, sweep_dir.name)
+    text = markdown(frame, names, list(seeds), shrunk, notes, sweep_dir.name, split)
     atomic_write_text(out, text)
     return text

@@ -18,6 +18,8 @@ from landmark_bench.data.datamodule import LandmarkDataModule, UnlabeledDataModu
 from landmark_bench.data.readers import ISBI_LANDMARK_NAMES, Aasce2019Reader, DataError, Isbi2015Reader, decode_grey
 from landmark_bench.data.registry import get_reader
 from landmark_bench.data.transforms import Augment, pixel_to_normalised, warp
+from landmark_bench.finetune import few_shot_data
+from landmark_bench.presets import get_preset
 
 EXPECTED = {  # dataset: (images present, landmarks)
     "isbi2015": (400, 19),
@@ -130,6 +132,34 @@ def test_augmentation_moves_landmarks_with_the_image():
             centre = ((near * xs).sum() / near.sum(), (near * ys).sum() / near.sum())
             assert abs(centre[0] - x) < 0.25 and abs(centre[1] - y) < 0.25
         assert not torch.allclose(moved, points)
+
+
+def test_augmentation_strength_scales_every_draw_and_noise_leaves_the_landmarks_alone():
+    image = torch.rand(1, 40, 32, generator=torch.Generator().manual_seed(3))
+    points = torch.tensor([[5.0, 7.0], [20.0, 30.0]])
+    still, unmoved = Augment(strength=0)(image, points, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(still, image, atol=1e-5, rtol=0)  # strength 0: the identity
+    torch.testing.assert_close(unmoved, points)
+    # the same draws, twice the magnitude: a pure shift moves every point exactly twice as far
+    shift_only = {"max_rotation_deg": 0.0, "max_scale": 0.0}
+    _, once = Augment(**shift_only)(image, points, torch.Generator().manual_seed(0))
+    _, twice = Augment(strength=2, **shift_only)(image, points, torch.Generator().manual_seed(0))
+    assert not torch.allclose(once, points)
+    torch.testing.assert_close(twice - points, 2 * (once - points))
+    flat = torch.full((8, 1, 40, 32), 0.5)
+    noisy, kept = Augment(strength=0, max_noise=0.05).batch(flat, points.repeat(8, 1, 1),
+                                                            torch.Generator().manual_seed(0))
+    torch.testing.assert_close(kept, points.repeat(8, 1, 1))
+    stds = (noisy - 0.5).flatten(1).std(1)
+    assert (stds > 0).all() and (stds < 0.055).all() and abs(float((noisy - 0.5).mean())) < 0.005
+    with pytest.raises(ValueError, match="strength 5"):
+        Augment(strength=5)
+
+
+def test_the_augmentation_settings_reach_the_training_loader():
+    cfg = {**get_preset("tiny")["finetune"], "augment_strength": 1.5, "augment_noise": 0.02}
+    augment = few_shot_data(cfg, "phantom", None, 5, 0).datasets["train"].augment
+    assert (augment.strength, augment.max_noise) == (1.5, 0.02)
 
 
 def test_batched_warp_matches_affine_grid():

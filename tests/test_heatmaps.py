@@ -120,3 +120,13 @@ def test_decode_without_window_is_the_arg_max_and_batches_are_independent() -> N
     # peaks on the border: out-of-image cells weigh nothing, so the estimate stays finite and inside
     assert torch.isfinite(decoded[1]).all()
     assert (decoded[1] >= 0).all() and (decoded[1, :, 0] <= 19).all() and (decoded[1, :, 1] <= 13).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_of_low_precision_logits_equals_the_decode_of_their_float64_values(dtype: torch.dtype) -> None:
+    # the peak is searched at the logits' own precision: the points must be exactly those of the exact float64 copy,
+    # ties (an all-zero map) included
+    logits = (torch.randn(2, 5, 24, 40, generator=torch.Generator().manual_seed(0)) * 4).to(dtype)
+    logits[1, 0] = 0
+    for window in (0, 2, 6):
+        assert torch.equal(decode_heatmaps(logits, window=window), decode_heatmaps(logits.double(), window=window))

@@ -110,4 +110,15 @@ def test_robustness_command_on_a_tiny_sweep(tmp_path, capsys):
     assert clean["mre"] == pytest.approx(results.test_mre["scratch"], rel=1e-6)
     help_text = build_parser()._subparsers._group_actions[0].choices["robustness"].format_help()
     assert all(name in help_text for name in PERTURBATIONS)  # the --perturbations help names every one
+    # on validation (to choose settings): the clean column is the restored checkpoint on the unperturbed images
+    assert main(["robustness", str(tmp_path), "--seeds", "0", "--split", "val", "--perturbations", "zoom_out",
+                 "noise", "--out", str(tmp_path / "robust_val.md")]) == 0
+    val_rows = pd.read_csv(tmp_path / "robust_val.csv").set_index("perturbation")
+    val_records = get_reader("phantom").records("val")
+    assert set(val_rows.split) == {"val"} and (val_rows.n_images == len(val_records)).all()
+    val_pixels = network_images(get_reader("phantom"), val_records, as_size(config["finetune"]["resolution"]), None)
+    val_clean = score(val_records, predict_points(model, config, val_pixels, val_records, "cpu"))
+    assert val_rows.mre["clean"] == pytest.approx(val_clean["mre"], rel=1e-9)
+    assert np.isfinite(val_rows.mre).all() and list(val_rows.index) == ["clean", "zoom_out", "noise"]
+    assert "perturbed val images" in (tmp_path / "robust_val.md").read_text()
 

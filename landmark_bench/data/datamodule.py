@@ -132,6 +132,8 @@ class LandmarkDataModule(L.LightningDataModule):
         batch_size: int = 8,
         sigma: float = 2.0,
         augment: bool = True,
+        augment_strength: float = 1.0,
+        augment_noise: float = 0.0,
         samples_per_epoch: int = 256,
         num_workers: int = 0,
         cache_dir: str | None = None,
@@ -166,7 +168,8 @@ class LandmarkDataModule(L.LightningDataModule):
         for split, records in splits.items():
             images = cached_images(self.reader, records, self.size, self._cache_dir)
             training = split == "train"
-            augment = Augment() if training and self.hparams.augment else None
+            augment = (Augment(strength=self.hparams.augment_strength, max_noise=self.hparams.augment_noise)
+                       if training and self.hparams.augment else None)
             self.datasets[split] = LandmarkDataset(images, records, self.hparams.sigma, augment,
                                                    self.hparams.samples_per_epoch if training else None)
 

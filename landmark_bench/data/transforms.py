@@ -42,7 +42,11 @@ def warp(images: torch.Tensor, points: torch.Tensor, matrices: torch.Tensor) -> 
 class Augment:
     """Small random affine (about the image centre) and intensity changes, drawn per sample.
 
-    Defaults are mild: X-ray anatomy has a canonical pose, and flips would swap anatomical sides.
+    Defaults are mild: X-ray anatomy has a canonical pose, and flips would swap anatomical sides. ``strength``
+    multiplies every magnitude (a fine-tuning setting chosen on validation, ``finetune.augment_strength``); 0 is the
+    identity. ``max_noise`` adds zero-mean Gaussian noise of a per-image standard deviation uniform in
+    [0, ``max_noise``] (intensity units, [0, 1] images), drawn after the rest so that without it every other draw is
+    as before.
     """
 
     max_rotation_deg: float = 10.0
@@ -51,12 +55,21 @@ class Augment:
     max_contrast: float = 0.25
     max_brightness: float = 0.1
     max_gamma: float = 0.3
+    strength: float = 1.0
+    max_noise: float = 0.0
+
+    def __post_init__(self):
+        if self.strength < 0 or self.max_noise < 0:
+            raise ValueError(f"augmentation strength ({self.strength}) and noise ({self.max_noise}) must be >= 0")
+        if self.strength * max(self.max_scale, self.max_contrast) >= 1:
+            raise ValueError(f"augmentation strength {self.strength} would scale or contrast some images by 0 or less "
+                             f"(at most {1 / max(self.max_scale, self.max_contrast):g})")
 
     def batch(
         self, images: torch.Tensor, points: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``images`` (B, 1, h, w) float in [0, 1], ``points`` (B, L, 2) xy network pixels."""
-        u = torch.rand(len(images), 7, generator=generator, dtype=torch.float64) * 2 - 1
+        u = (torch.rand(len(images), 7, generator=generator, dtype=torch.float64) * 2 - 1) * self.strength
         height, width = images.shape[-2:]
         angle = math.radians(self.max_rotation_deg) * u[:, 0]
         scale = 1 + self.max_scale * u[:, 1]
@@ -73,7 +86,12 @@ class Augment:
         mean = images.mean((-2, -1), keepdim=True)
         contrast = (1 + self.max_contrast * u[:, 5]).to(images.dtype).view(per_image)
         brightness = (self.max_brightness * u[:, 6]).to(images.dtype).view(per_image)
-        return ((images - mean) * contrast + mean + brightness).clamp(0, 1), points
+        images = (images - mean) * contrast + mean + brightness
+        if self.max_noise > 0:
+            std = torch.rand(len(images), generator=generator, dtype=torch.float64) * self.max_noise
+            noise = torch.randn(images.shape, generator=generator, dtype=images.dtype)
+            images = images + noise * std.to(images.dtype).view(per_image)
+        return images.clamp(0, 1), points
 
     def __call__(
         self, image: torch.Tensor, points: torch.Tensor, generator: torch.Generator | None = None
