@@ -46,6 +46,7 @@ ALPHA = 0.05
 TEST_NAME = "two-sided Wilcoxon signed-rank test on per-image MRE, paired by (seed, image)"
 DAGGER = "†"
 RUN_KEY = ["method", "dataset", "shots", "protocol", "seed"]
+PER_IMAGE_CSV = "per_image_mre.csv"
 
 
 def pooled_test(dataset: str) -> bool:
@@ -123,6 +124,46 @@ def per_image_mre(run_dir: str) -> pd.Series | None:
         return None
     errors = pd.read_csv(path, dtype={"split": str, "image_id": str})
     return errors.groupby(["split", "image_id"])["radial_error"].mean()
+
+
+def read_stored_per_image(*results_csvs: str | Path) -> pd.DataFrame:
+    """The ``per_image_mre.csv`` files that ``build_leaderboard`` wrote beside these ``results.csv`` files (one row per
+    job key, split and image): what its paired tests need once the run folders are gone, e.g. on a fresh clone of
+    committed results."""
+    paths = [Path(path).parent / PER_IMAGE_CSV for path in results_csvs]
+    frames = [pd.read_csv(path, dtype={"method": str, "dataset": str, "shots": str, "protocol": str, "split": str,
+                                       "image_id": str}) for path in paths if path.is_file()]
+    if not frames:
+        return pd.DataFrame(columns=[*RUN_KEY, "split", "image_id", "mre"])
+    stored = pd.concat(frames, ignore_index=True)
+    stored["shots"] = stored["shots"].map(_normalise_shots)
+    stored["seed"] = pd.to_numeric(stored["seed"]).astype("Int64")
+    return stored
+
+
+def run_image_errors(results: pd.DataFrame, stored: pd.DataFrame | None = None) -> dict[str, pd.Series | None]:
+    """Per done run folder of ``results``: its per-image MRE, from the folder's ``errors.csv`` or else from the
+    ``stored`` rows of the same job (``read_stored_per_image``); None where neither has it."""
+    stored_by_job = {} if stored is None or stored.empty else {
+        tuple(key): rows.set_index(["split", "image_id"])["mre"].rename("radial_error")
+        for key, rows in stored.groupby(RUN_KEY, dropna=False)}
+    errors = {}
+    for row in results[results["status"].eq("done") & results["run_dir"].notna()].itertuples(index=False):
+        found = per_image_mre(row.run_dir)
+        errors[row.run_dir] = found if found is not None else stored_by_job.get(
+            tuple(getattr(row, column) for column in RUN_KEY))
+    return errors
+
+
+def per_image_frame(results: pd.DataFrame, image_errors: dict[str, pd.Series | None]) -> pd.DataFrame:
+    """The rows of ``per_image_mre.csv``: job key, split, image and MRE of every done run whose errors are known."""
+    parts = []
+    for row in results[results["status"].eq("done") & results["run_dir"].notna()].itertuples(index=False):
+        if (errors := image_errors.get(row.run_dir)) is not None:
+            part = errors.rename("mre").reset_index()
+            parts.append(part.assign(**{column: getattr(row, column) for column in RUN_KEY}))
+    columns = [*RUN_KEY, "split", "image_id", "mre"]
+    return pd.concat(parts, ignore_index=True)[columns] if parts else pd.DataFrame(columns=columns)
 
 
 def _split_errors(errors: pd.Series, split: str) -> pd.Series:
@@ -322,12 +363,14 @@ def _build_table(dataset: str, split: str, shots: str, protocol: str, cell: pd.D
     return Table(dataset, split, shots, protocol, unit, thresholds, table, best_method, notes)
 
 
-def build_tables(results: pd.DataFrame, expected_seeds: int | None = None) -> list[Table]:
+def build_tables(results: pd.DataFrame, expected_seeds: int | None = None,
+                 image_errors: dict[str, pd.Series | None] | None = None) -> list[Table]:
     """Every (dataset, shots, protocol, split) table; a method with rows anywhere in a dataset under a
     protocol appears in each of its tables, so a missing cell shows up as incomplete (0/n) instead of
-    vanishing, while a method never run under a protocol (e.g. mean_shape has nothing to probe) is absent."""
-    image_errors = {run_dir: per_image_mre(run_dir)
-                    for run_dir in results.loc[results["status"].eq("done"), "run_dir"].dropna().unique()}
+    vanishing, while a method never run under a protocol (e.g. mean_shape has nothing to probe) is absent.
+    ``image_errors``: per run folder, its per-image MRE (default: from the run folders, ``run_image_errors``)."""
+    if image_errors is None:
+        image_errors = run_image_errors(results)
     tables = []
     for dataset in sorted(results["dataset"].dropna().unique()):
         rows = results[results["dataset"] == dataset]
@@ -861,18 +904,25 @@ def build_leaderboard(results_csv: str | Path | list[str | Path], out_dir: str |
     ``results.csv`` or several read as one (``read_results``).
 
     ``expected_seeds`` defaults to the most seeds any method has rows for in a (dataset, shots) cell.
-    Returns the written paths by name (``markdown``, ``latex``, ``csv``, ``across_datasets`` (the mean ranks, where
-    the results cover several datasets), ``mre_vs_shots_<dataset>``, ``ere_vs_shots_<dataset>``,
+    ``per_image_mre.csv`` beside a ``results.csv`` stands in for run folders that are gone (their paired tests), and
+    the one written here holds every run's per-image MRE, so that committed results regenerate whole.
+    Returns the written paths by name (``markdown``, ``latex``, ``csv``, ``per_image``, ``across_datasets`` (the mean
+    ranks, where the results cover several datasets), ``mre_vs_shots_<dataset>``, ``ere_vs_shots_<dataset>``,
     ``gain_vs_control_<dataset>_<shots>shots``, ``overlays``); a figure with nothing to show is not written.
     """
     out_dir = Path(out_dir)
-    results = read_results(*(results_csv if isinstance(results_csv, list) else [results_csv]))
-    tables = build_tables(results, expected_seeds)
+    sources = results_csv if isinstance(results_csv, list) else [results_csv]
+    results = read_results(*sources)
+    image_errors = run_image_errors(results, read_stored_per_image(*sources))
+    tables = build_tables(results, expected_seeds, image_errors)
     paths = {"markdown": out_dir / "leaderboard.md", "latex": out_dir / "leaderboard.tex",
              "csv": out_dir / "leaderboard.csv"}
     atomic_write_text(paths["markdown"], markdown(tables))
     atomic_write_text(paths["latex"], latex(tables))
     write_csv(paths["csv"], tidy(tables))
+    if not (per_image := per_image_frame(results, image_errors)).empty:
+        paths["per_image"] = out_dir / PER_IMAGE_CSV
+        write_csv(paths["per_image"], per_image)
     if not (ranks := rank_across_datasets(tables)).empty:
         paths["across_datasets"] = out_dir / "across_datasets.csv"
         write_csv(paths["across_datasets"], ranks)

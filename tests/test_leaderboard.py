@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import zlib
 from pathlib import Path
 
@@ -495,3 +496,23 @@ def test_ablation_table_compares_one_method_across_two_sweeps(tmp_path: Path) ->
     assert rows["finetune"][8] == "p = 1.000"  # identical errors: no difference
     assert rows["probe"][8] == "p < 0.001"
     assert rows["probe"][9].rstrip(" |") == str(len(PROTOCOL_SEEDS) * len(PROTOCOL_IMAGES))
+
+
+def test_committed_results_regenerate_whole_without_their_run_folders(tmp_path: Path) -> None:
+    sweep = write_sweep(tmp_path / "sweep")
+    first = build_leaderboard(sweep, tmp_path / "first")
+    committed = tmp_path / "committed"
+    committed.mkdir()
+    shutil.copy(sweep, committed / "results.csv")
+    shutil.copy(first["per_image"], committed / "per_image_mre.csv")
+    shutil.rmtree(tmp_path / "sweep" / "runs")  # as on a fresh clone: only the committed files
+    again = build_leaderboard(committed / "results.csv", tmp_path / "again")
+    first_board = pd.read_csv(first["csv"])
+    assert first_board.gain_p_value.notna().any() and first_board.p_value.notna().any()
+    pd.testing.assert_frame_equal(pd.read_csv(again["csv"]), first_board)
+    assert again["markdown"].read_text() == first["markdown"].read_text()
+    pd.testing.assert_frame_equal(pd.read_csv(again["per_image"]), pd.read_csv(first["per_image"]))
+    # the stored file is what carries the paired tests: without it they are gone
+    (committed / "per_image_mre.csv").unlink()
+    bare = pd.read_csv(build_leaderboard(committed / "results.csv", tmp_path / "bare")["csv"])
+    assert bare.gain_p_value.isna().all() and bare.p_value.isna().all()
