@@ -38,6 +38,13 @@ def test_tiny_sweep_end_to_end_with_leaderboard(tmp_path, capsys):
         assert rows[column].notna().all() or column in ("test_ere", "checkpoint"), column
     by_method = rows.groupby("method").test_mre.mean()
     assert by_method["scratch"] * 3 < by_method["mean_shape"]
+    # the restored checkpoint's validation MRE (logged in float32), never worse than the pass that ended training;
+    # none for mean_shape
+    trained = rows[rows.method == "scratch"]
+    assert (trained.best_val_mre <= trained.val_mre * (1 + 1e-6)).all()
+    assert rows.loc[rows.method == "mean_shape", "best_val_mre"].isna().all()
+    for run in trained.itertuples():
+        assert run.best_val_mre == json.loads((Path(run.run_dir) / "run.json").read_text())["best_val_mre"]
     assert rows.groupby("seed").subset_ids.nunique().eq(1).all()  # same images for every method
     board = pd.read_csv(tmp_path / "leaderboard" / "leaderboard.csv")
     assert set(board.method) == {"mean_shape", "scratch"}

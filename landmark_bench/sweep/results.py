@@ -47,7 +47,8 @@ def job_row(job: FinetuneJob) -> dict | None:
                 "config_hash": record["config_hash"], "code_version": record["code_version"],
                 "checkpoint": record.get("best_checkpoint", ""), "pretrained": job.pretrained or "",
                 "wall_seconds": record["wall_seconds"], "train_seconds": record["train_seconds"],
-                **flatten_metrics(record["metrics"])}
+                # the validation MRE of the restored checkpoint; ``val_mre`` is the pass that ended training
+                "best_val_mre": record.get("best_val_mre"), **flatten_metrics(record["metrics"])}
     if state == "failed":
         status = json.loads((Path(job.out) / "status.json").read_text())
         return {**base, "status": "failed", "reason": status.get("reason", "unknown")}
