@@ -1,4 +1,5 @@
-"""``landmark-bench robustness``: every done run of a sweep scored on perturbed copies of its test split.
+"""``landmark-bench robustness``: every done run of a sweep scored on perturbed copies of its test split (or, to
+choose settings, of its validation split).
 
 A perturbed split (:mod:`landmark_bench.data.perturbations`) is made once per (dataset, perturbation, seed) and
 resolution, through ``network_images`` (the fine-tuning loader's decode and resize), and every run predicts on those
