@@ -940,11 +940,12 @@ def build_leaderboard(results_csv: str | Path | list[str | Path], out_dir: str |
     return paths
 
 
-def _run_samples(rows: pd.DataFrame, split: str) -> pd.Series | None:
-    """Per-image MRE of ``split`` over the done runs in ``rows``, indexed by (seed, split, image_id)."""
+def _run_samples(rows: pd.DataFrame, split: str, image_errors: dict[str, pd.Series | None]) -> pd.Series | None:
+    """Per-image MRE of ``split`` over the done runs in ``rows``, indexed by (seed, split, image_id);
+    ``image_errors`` as from ``run_image_errors``."""
     parts = {}
     for seed, run_dir in rows[["seed", "run_dir"]].itertuples(index=False):
-        if (errors := per_image_mre(run_dir)) is None:
+        if (errors := image_errors.get(run_dir)) is None:
             return None
         parts[int(seed)] = _split_errors(errors, split)
     return pd.concat(parts, names=["seed"]) if parts else None
@@ -953,9 +954,12 @@ def _run_samples(rows: pd.DataFrame, split: str) -> pd.Series | None:
 def ablation_markdown(base_sweep: str | Path, variant_sweep: str | Path, method: str, split: str = "test") -> str:
     """One method in two sweeps that differ by one setting: per (dataset, shots, protocol) its MRE in each (means
     over the seeds both have), the difference and a paired Wilcoxon p-value over (seed, image), next to the
-    base sweep's control of the method's family. The sweeps' ``--set`` overrides name the difference."""
+    base sweep's control of the method's family. The sweeps' ``--set`` overrides name the difference. Per-image
+    errors come from the run folders or, where those are gone, from a ``per_image_mre.csv`` beside the results."""
     sweeps = {"base": Path(base_sweep), "variant": Path(variant_sweep)}
     frames = {name: read_results(path / "results.csv") for name, path in sweeps.items()}
+    image_errors = {name: run_image_errors(frames[name], read_stored_per_image(path / "results.csv"))
+                    for name, path in sweeps.items()}
     overrides = {name: json.loads((path / "sweep.json").read_text()).get("overrides", {})
                  for name, path in sweeps.items()}
     control = control_of(method)
@@ -977,8 +981,8 @@ def ablation_markdown(base_sweep: str | Path, variant_sweep: str | Path, method:
         reference = rows("base", control) if control else pd.DataFrame()
         reference = reference[reference["seed"].isin(seeds)] if len(reference) else reference
         p_value, pairs = math.nan, 0
-        if seeds and (base_samples := _run_samples(base, split)) is not None and (
-                variant_samples := _run_samples(variant, split)) is not None:
+        if seeds and (base_samples := _run_samples(base, split, image_errors["base"])) is not None and (
+                variant_samples := _run_samples(variant, split, image_errors["variant"])) is not None:
             p_value, pairs = _paired_test(base_samples, variant_samples)
         cells_text = [_fmt(frame[column].mean(), frame[column].std()) if len(frame) == len(seeds) and seeds else "–"
                       for frame in (reference, base, variant)]

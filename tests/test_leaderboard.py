@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 from scipy.stats import wilcoxon
 
-from landmark_bench.leaderboard import ablation_markdown, build_leaderboard, read_results
+from landmark_bench.leaderboard import PER_IMAGE_CSV, ablation_markdown, build_leaderboard, read_results
 
 SEEDS = (0, 1, 2)
 MM_THRESHOLDS = ("2.0", "2.5", "3.0", "4.0")
@@ -496,6 +496,23 @@ def test_ablation_table_compares_one_method_across_two_sweeps(tmp_path: Path) ->
     assert rows["finetune"][8] == "p = 1.000"  # identical errors: no difference
     assert rows["probe"][8] == "p < 0.001"
     assert rows["probe"][9].rstrip(" |") == str(len(PROTOCOL_SEEDS) * len(PROTOCOL_IMAGES))
+
+
+def test_ablation_table_reads_stored_per_image_errors_once_run_folders_are_gone(tmp_path: Path) -> None:
+    base = write_protocol_sweep(tmp_path / "base").parent
+    (base / "sweep.json").write_text(json.dumps({"overrides": {}}))
+    variant = write_variant_sweep(tmp_path / "variant", "ddpm", {"finetune": 0.0, "probe": 1.0})
+    (variant / "sweep.json").write_text(json.dumps({"overrides": {"pretrain.ddpm.lr": 0.1}}))
+    with_folders = ablation_markdown(base, variant, "ddpm")
+    for sweep in (base, variant):
+        build_leaderboard(sweep / "results.csv", sweep)  # writes per_image_mre.csv beside results.csv
+    for run_dir in [*(base / "runs").iterdir(), *(variant / "runs").iterdir()]:
+        shutil.rmtree(run_dir)
+    assert ablation_markdown(base, variant, "ddpm") == with_folders
+    (variant / PER_IMAGE_CSV).unlink()  # without it the paired test has nothing to pair
+    bare = [line.split(" | ") for line in ablation_markdown(base, variant, "ddpm").splitlines()
+            if line.startswith("| isbi2015")]
+    assert len(bare) == 2 and all(cells[8] == "–" and cells[9].rstrip(" |") == "0" for cells in bare)
 
 
 def test_committed_results_regenerate_whole_without_their_run_folders(tmp_path: Path) -> None:
