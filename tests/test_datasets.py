@@ -22,7 +22,11 @@ def test_aasce_and_isbi_resolve_to_their_own_settings(preset, data_dir):
     settings = get_preset(preset)
     isbi, aasce = finetune_settings(settings, "isbi2015"), finetune_settings(settings, "aasce2019")
     assert isbi == FINETUNE[preset]
-    assert {key for key in aasce if aasce[key] != isbi[key]} == {"resolution", "sigma", "refine_window", "batch_size"}
+    # cpu's augmentation was chosen on ISBI validation only: the spine keeps the magnitudes its grids were made with
+    chosen_on_isbi = {"augment_strength", "augment_noise"} if preset == "cpu" else set()
+    assert {key for key in aasce if aasce[key] != isbi[key]} == {"resolution", "sigma", "refine_window", "batch_size",
+                                                                 *chosen_on_isbi}
+    assert (aasce["augment_strength"], aasce["augment_noise"]) == (1.0, 0.0)
     height, width = aasce["resolution"]
     assert height % 8 == 0 and width % 8 == 0  # the diffusion UNet's three halvings
     reader = get_reader("aasce2019", data_dir)
@@ -37,6 +41,9 @@ def test_set_changes_every_dataset_or_one():
     both = get_preset("cpu", {"finetune.sigma": 3.0, "finetune.lr": 5e-4})
     assert finetune_settings(both, "aasce2019")["sigma"] == finetune_settings(both, "isbi2015")["sigma"] == 3.0
     assert finetune_settings(both, "aasce2019")["lr"] == 5e-4
+    stronger = get_preset("cpu", {"finetune.augment_strength": 1.5})  # a key the spine sets itself: both still change
+    assert finetune_settings(stronger, "aasce2019")["augment_strength"] == 1.5
+    assert finetune_settings(stronger, "isbi2015")["augment_strength"] == 1.5
     one = get_preset("cpu", {"dataset_finetune.aasce2019.resolution": [320, 128], "finetune.resolution": [96, 80]})
     assert finetune_settings(one, "aasce2019")["resolution"] == [320, 128]  # the dataset's own key wins
     assert finetune_settings(one, "isbi2015")["resolution"] == [96, 80]
