@@ -478,11 +478,17 @@ def write_variant_sweep(root: Path, method: str, shift: dict[str, float]) -> Pat
     return root
 
 
-def test_ablation_table_compares_one_method_across_two_sweeps(tmp_path: Path) -> None:
-    base = write_protocol_sweep(tmp_path / "base").parent
+def write_ablation_sweeps(root: Path) -> tuple[Path, Path]:
+    """The protocol sweep as base and a ``ddpm`` variant whose probe errors are 1 mm higher, each with its sweep.json."""
+    base = write_protocol_sweep(root / "base").parent
     (base / "sweep.json").write_text(json.dumps({"overrides": {}}))
-    variant = write_variant_sweep(tmp_path / "variant", "ddpm", {"finetune": 0.0, "probe": 1.0})
+    variant = write_variant_sweep(root / "variant", "ddpm", {"finetune": 0.0, "probe": 1.0})
     (variant / "sweep.json").write_text(json.dumps({"overrides": {"pretrain.ddpm.lr": 0.1}}))
+    return base, variant
+
+
+def test_ablation_table_compares_one_method_across_two_sweeps(tmp_path: Path) -> None:
+    base, variant = write_ablation_sweeps(tmp_path)
     text = ablation_markdown(base, variant, "ddpm")
     assert "pretrain.ddpm.lr" in text and "control scratch_unet" in text
     rows = {line.split(" | ")[2]: line.split(" | ") for line in text.splitlines() if line.startswith("| isbi2015")}
@@ -499,10 +505,7 @@ def test_ablation_table_compares_one_method_across_two_sweeps(tmp_path: Path) ->
 
 
 def test_ablation_table_reads_stored_per_image_errors_once_run_folders_are_gone(tmp_path: Path) -> None:
-    base = write_protocol_sweep(tmp_path / "base").parent
-    (base / "sweep.json").write_text(json.dumps({"overrides": {}}))
-    variant = write_variant_sweep(tmp_path / "variant", "ddpm", {"finetune": 0.0, "probe": 1.0})
-    (variant / "sweep.json").write_text(json.dumps({"overrides": {"pretrain.ddpm.lr": 0.1}}))
+    base, variant = write_ablation_sweeps(tmp_path)
     with_folders = ablation_markdown(base, variant, "ddpm")
     for sweep in (base, variant):
         build_leaderboard(sweep / "results.csv", sweep)  # writes per_image_mre.csv beside results.csv
