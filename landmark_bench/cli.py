@@ -189,8 +189,8 @@ def cmd_robustness(args: argparse.Namespace) -> None:
     from landmark_bench.robustness import robustness
 
     out = Path(args.out) if args.out else Path(args.sweep_dir) / "robustness.md"
-    print(robustness(args.sweep_dir, out, perturbations=args.perturbations, methods=args.methods, seeds=args.seeds,
-                     data_dir=args.data_dir, accelerator=args.accelerator, split=args.split))
+    print(robustness(args.sweep_dir, out, perturbations=args.perturbations, methods=args.methods, protocols=args.protocols,
+                     seeds=args.seeds, data_dir=args.data_dir, accelerator=args.accelerator, split=args.split))
     print(f"wrote {out} and {out.with_suffix('.csv')}")
 
 
@@ -320,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     robust.add_argument("--perturbations", nargs="+", help="default: all (crop_top zoom_in zoom_out shift rotate "
                         "contrast_gamma noise)")
     robust.add_argument("--methods", nargs="+", help="default: every done method with a detector")
+    robust.add_argument("--protocols", nargs="+", choices=["finetune", "probe"], help="default: every protocol of the sweep (finetune, probe)")
     robust.add_argument("--seeds", nargs="+", type=integer, default=[0, 1], help="perturbation seeds")
     robust.add_argument("--data-dir", help="default: the sweep's (sweep.json)")
     robust.add_argument("--out", help="Markdown table (default SWEEP_DIR/robustness.md); the rows go beside it (.csv)")

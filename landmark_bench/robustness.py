@@ -35,16 +35,19 @@ CLEAN = "clean"
 SPLITS = ("test", "val")
 
 
-def done_runs(sweep_dir: Path, methods: list[str] | None) -> tuple[pd.DataFrame, list[str]]:
-    """The done rows of ``results.csv`` whose run has a detector, each with its run folder; notes on those left out."""
+def done_runs(sweep_dir: Path, methods: list[str] | None,
+              protocols: list[str] | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """The done rows of ``results.csv`` (of ``methods`` and ``protocols``, default all) whose run has a detector,
+    each with its run folder; notes on those left out."""
     rows = read_results(sweep_dir / "results.csv")
     rows = rows[rows.status.eq("done") & rows.run_dir.notna()]
-    if methods:
-        unknown = sorted(set(methods) - set(rows.method))
-        if unknown:
-            done = ", ".join(sorted(set(rows.method)))
-            raise ValueError(f"{sweep_dir}: no done runs of {unknown}; done methods: {done}")
-        rows = rows[rows.method.isin(methods)]
+    for column, wanted in (("method", methods), ("protocol", protocols)):
+        if wanted:
+            unknown = sorted(set(wanted) - set(rows[column]))
+            if unknown:
+                done = ", ".join(sorted(set(rows[column])))
+                raise ValueError(f"{sweep_dir}: no done runs of {column} {unknown}; done: {done}")
+            rows = rows[rows[column].isin(wanted)]
     # results.csv holds absolute run folders: a sweep folder that was moved still has them under runs/
     folders = [Path(run) if Path(run).is_dir() else sweep_dir / "runs" / Path(run).name for run in rows.run_dir]
     options = [json.dumps(json.loads((folder / "config.json").read_text()).get("reader_options") or {}, sort_keys=True)
@@ -188,15 +191,15 @@ def markdown(frame: pd.DataFrame, names: list[str], seeds: Sequence[int], shrunk
 
 
 def robustness(sweep_dir: str | Path, out: str | Path, *, perturbations: list[str] | None = None,
-               methods: list[str] | None = None, seeds: Sequence[int] = (0, 1), data_dir: str | None = None,
-               accelerator: str = "auto", split: str = "test") -> str:
+               methods: list[str] | None = None, protocols: list[str] | None = None, seeds: Sequence[int] = (0, 1),
+               data_dir: str | None = None, accelerator: str = "auto", split: str = "test") -> str:
     """Score every done run of ``sweep_dir`` on each perturbation x seed of its ``split`` (test, or val to choose
     settings); write ``out`` (Markdown) and the per-run rows beside it (``.csv``); return the Markdown."""
     sweep_dir, out = Path(sweep_dir), Path(out)
     names = list(perturbations or PERTURBATIONS)
     for name in names:
         get_perturbation(name)
-    runs, notes = done_runs(sweep_dir, methods)
+    runs, notes = done_runs(sweep_dir, methods, protocols)
     if data_dir is None and (sweep_dir / "sweep.json").is_file():
         data_dir = json.loads((sweep_dir / "sweep.json").read_text()).get("data_dir")
     rows, shrunk = [], {}

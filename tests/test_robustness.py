@@ -84,9 +84,10 @@ def test_a_perturbed_reader_gives_the_perturbations_images_and_points():
 
 def test_robustness_command_on_a_tiny_sweep(tmp_path, capsys):
     assert main(["sweep", "--methods", "mean_shape", "scratch", "--datasets", "phantom", "--shots", "5", "--seeds",
-                 "0", "--preset", "tiny", "--out", str(tmp_path)]) == 0
+                 "0", "--preset", "tiny", "--protocols", "finetune", "probe", "--out", str(tmp_path)]) == 0
     capsys.readouterr()
-    assert main(["robustness", str(tmp_path), "--seeds", "0", "1", "--out", str(tmp_path / "robust.md")]) == 0
+    assert main(["robustness", str(tmp_path), "--seeds", "0", "1", "--protocols", "finetune",
+                 "--out", str(tmp_path / "robust.md")]) == 0
     text = (tmp_path / "robust.md").read_text()
     assert text in capsys.readouterr().out
     header = next(line for line in text.splitlines() if line.startswith("| method"))
@@ -98,8 +99,9 @@ def test_robustness_command_on_a_tiny_sweep(tmp_path, capsys):
     assert "mean_shape: no detector" in text
     rows = pd.read_csv(tmp_path / "robust.csv")
     assert len(rows) == 1 + 2 * len(PERTURBATIONS) and set(rows.method) == {"scratch"}
+    assert set(rows.protocol) == {"finetune"} and "| scratch | probe" not in text
     assert np.isfinite(rows.mre).all() and (rows.n_images == 40).all()
-    results = pd.read_csv(tmp_path / "results.csv").set_index("method")
+    results = pd.read_csv(tmp_path / "results.csv").query("protocol == 'finetune'").set_index("method")
     assert rows.set_index("perturbation").mre["clean"] == pytest.approx(results.test_mre["scratch"])
     # clean images through the same batching, inference and scoring give the run's own MRE: the perturbed
     # columns are measured the way the clean one was
@@ -110,10 +112,13 @@ def test_robustness_command_on_a_tiny_sweep(tmp_path, capsys):
     assert clean["mre"] == pytest.approx(results.test_mre["scratch"], rel=1e-6)
     help_text = build_parser()._subparsers._group_actions[0].choices["robustness"].format_help()
     assert all(name in help_text for name in PERTURBATIONS)  # the --perturbations help names every one
-    # on validation (to choose settings): the clean column is the restored checkpoint on the unperturbed images
+    # on validation (to choose settings): the clean column is the restored checkpoint on the unperturbed images;
+    # without --protocols every protocol is scored
     assert main(["robustness", str(tmp_path), "--seeds", "0", "--split", "val", "--perturbations", "zoom_out",
                  "noise", "--out", str(tmp_path / "robust_val.md")]) == 0
-    val_rows = pd.read_csv(tmp_path / "robust_val.csv").set_index("perturbation")
+    all_val_rows = pd.read_csv(tmp_path / "robust_val.csv")
+    assert set(all_val_rows.protocol) == {"finetune", "probe"}
+    val_rows = all_val_rows.query("protocol == 'finetune'").set_index("perturbation")
     val_records = get_reader("phantom").records("val")
     assert set(val_rows.split) == {"val"} and (val_rows.n_images == len(val_records)).all()
     val_pixels = network_images(get_reader("phantom"), val_records, as_size(config["finetune"]["resolution"]), None)
