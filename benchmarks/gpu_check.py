@@ -176,7 +176,7 @@ def finetuning(method: str, protocol: str, settings: dict, dataset: str, data_di
                checkpoint: str | None, args: argparse.Namespace) -> Timing:
     """Time the detector ``finetune()`` trains under ``protocol``, and one validation pass (the second: a probe
     caches its validation features in the first, as in the sweep)."""
-    cfg = protocol_settings(settings, dataset, protocol)
+    cfg = protocol_settings(settings, dataset, protocol, method)
     datamodule = few_shot_data(cfg, dataset, data_dir, SHOTS[0], 0, PHANTOM_SPLITS if dataset == "phantom" else None)
     model = landmark_detector(method, protocol, settings, cfg, datamodule, checkpoint)
     timing, _ = timed_fit(model, datamodule, cfg["precision"], cfg["max_steps"], args)

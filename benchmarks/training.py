@@ -50,7 +50,7 @@ def unet_checkpoint(preset: str, data_dir: str, folder: Path) -> str:
 def build(method: str, preset: str, data_dir: str, dataset: str, channels_last: bool | None = None):
     settings = get_preset(preset)
     if method in FINETUNE:
-        cfg = finetune_settings(settings, dataset)
+        cfg = finetune_settings(settings, dataset, family_of(FINETUNE[method]))
         datamodule = LandmarkDataModule(dataset, data_dir, shots=10, seed=0, resolution=cfg["resolution"],
                                         batch_size=cfg["batch_size"], sigma=cfg["sigma"],
                                         samples_per_epoch=cfg["batch_size"] * 10_000)

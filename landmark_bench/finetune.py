@@ -27,10 +27,10 @@ def run_dir_name(method: str, dataset: str, shots: int | str, seed: int, protoco
     return f"{method}-{kind}{dataset}-{shots}shot-seed{seed}"
 
 
-def protocol_settings(settings: dict, dataset: str, protocol: str) -> dict:
-    """The fine-tuning settings of a ``protocol`` job on ``dataset`` under resolved preset ``settings``: a probe trains
-    without augmentation (its frozen features are cached once per image)."""
-    cfg = finetune_settings(settings, dataset)
+def protocol_settings(settings: dict, dataset: str, protocol: str, method: str) -> dict:
+    """The fine-tuning settings of ``method``'s ``protocol`` job on ``dataset`` under resolved preset ``settings``: a
+    probe trains without augmentation (its frozen features are cached once per image)."""
+    cfg = finetune_settings(settings, dataset, get_method(method).family)
     if cfg["probe_batchnorm"] not in PROBE_BATCHNORM:
         raise ValueError(f"finetune.probe_batchnorm={cfg['probe_batchnorm']!r} is not one of "
                          f"{', '.join(PROBE_BATCHNORM)}")
@@ -104,7 +104,7 @@ def finetune(
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed must be an integer, not {seed!r}")
     settings = preset_settings(preset, overrides)
-    cfg = protocol_settings(settings, dataset, protocol)
+    cfg = protocol_settings(settings, dataset, protocol, method)
     out = Path(out or Path("runs") / run_dir_name(method, dataset, shots, seed, protocol))
     config = {"method": method, "protocol": protocol, "dataset": dataset, "shots": shots, "seed": seed,
               "preset": preset, "encoder": settings["encoder"], "pretrained": pretrained, "finetune": cfg,

@@ -48,7 +48,7 @@ FINETUNE: dict[str, dict] = {
     "tiny": {**_FINETUNE_COMMON, "resolution": [80, 64], "batch_size": 4, "max_steps": 60, "warmup_steps": 5,
              "val_every": 20, "lr": 3e-3},
     # cpu: augmentation strength 2 with noise up to 0.06, chosen on ISBI validation (clean and perturbed) over strength
-    # 1 and 1.5 (results/selection/augmentation.md)
+    # 1 and 1.5 (results/selection/augmentation.md); the encoder detectors' own is in FAMILY_FINETUNE
     "cpu": {**_FINETUNE_COMMON, "resolution": [160, 128], "batch_size": 8, "max_steps": 200, "warmup_steps": 20,
             "val_every": 25, "lr": 2e-3, "augment_strength": 2.0, "augment_noise": 0.06},
     "paper": {**_FINETUNE_COMMON, "resolution": [320, 256], "batch_size": 8, "max_steps": 4000, "warmup_steps": 200,
@@ -70,20 +70,36 @@ DATASET_FINETUNE: dict[str, dict[str, dict]] = {
     "paper": {"aasce2019": {"resolution": [512, 192], "sigma": 10.0, "refine_window": 30, "batch_size": 6}},
 }
 
+# A network family's own fine-tuning settings (``"encoder"``: the timm encoder detector, ``"diffusion"``: the UNet
+# detector), over ``FINETUNE[preset]`` and under a dataset's own; each is a setting,
+# ``family_finetune.<family>.<key>``. cpu: the rule that chose the augmentation (results/selection/augmentation.md),
+# applied to each family's own methods on the same validation runs, keeps strength 2 / noise 0.06 for the UNet
+# detector (scratch_unet: mean ratio 0.607 against 0.730 for strength 1.5) and gives the encoder detectors strength
+# 1.5 / noise 0.03 (scratch and imagenet: 0.933 against 0.960 for strength 2).
+FAMILY_FINETUNE: dict[str, dict[str, dict]] = {
+    "tiny": {"encoder": {}, "diffusion": {}},
+    "cpu": {"encoder": {"augment_strength": 1.5, "augment_noise": 0.03}, "diffusion": {}},
+    "paper": {"encoder": {}, "diffusion": {}},
+}
+FINETUNE_GROUPS = ("family_finetune", "dataset_finetune")
+"""Where a job's fine-tuning settings may differ from the preset's, in the order they apply (the last wins)."""
 
-def finetune_settings(settings: dict, dataset: str) -> dict:
-    """The fine-tuning settings of a job on ``dataset`` under resolved preset ``settings``: the preset's, with the
-    dataset's own over them (a new dict, which the job may change)."""
-    return {**settings["finetune"], **settings["dataset_finetune"].get(dataset, {})}
+
+def finetune_settings(settings: dict, dataset: str, family: str | None) -> dict:
+    """The fine-tuning settings of a job of a ``family`` method (None: a reference row) on ``dataset`` under resolved
+    preset ``settings``: the preset's, the family's own over them, the dataset's own over both (a new dict, which the
+    job may change)."""
+    return {**settings["finetune"], **settings["family_finetune"].get(family, {}),
+            **settings["dataset_finetune"].get(dataset, {})}
 
 
-def for_every_dataset(overrides: dict[str, Any], per_dataset: dict[str, dict]) -> dict[str, Any]:
-    """``overrides`` with each ``finetune.<key>`` also set in every dataset's own settings that hold that key, unless
-    the overrides set it there themselves: a fine-tuning setting given on the command line is never silently
-    replaced by a dataset's default."""
-    wide = {f"dataset_finetune.{dataset}.{key}": value for dotted, value in overrides.items()
+def for_every_group(overrides: dict[str, Any], settings: dict) -> dict[str, Any]:
+    """``overrides`` with each ``finetune.<key>`` also set in every family's and dataset's own settings that hold that
+    key, unless the overrides set it there themselves: a fine-tuning setting given on the command line is never
+    silently replaced by a family's or dataset's default."""
+    wide = {f"{group}.{name}.{key}": value for dotted, value in overrides.items()
             if (key := dotted.removeprefix("finetune.")) != dotted
-            for dataset, own in per_dataset.items() if key in own}
+            for group in FINETUNE_GROUPS for name, own in settings[group].items() if key in own}
     return {**wide, **overrides}
 
 # Diffusion pretraining (ddpm, cdpm_align): one UNet config per preset, shared by both methods and by their
@@ -364,7 +380,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 def get_preset(name: str, overrides: dict[str, Any] | None = None, pretrain_defaults: dict | None = None,
                open_keys: dict[str, set[str]] | None = None) -> dict:
-    """A deep copy of preset ``name`` with its cost model, the datasets' own fine-tuning settings, a
+    """A deep copy of preset ``name`` with its cost model, the families' and datasets' own fine-tuning settings, a
     ``pretrain_defaults`` entry for each pretraining method the preset does not name (a method added by a user), and
     the dotted ``overrides`` applied (``open_keys``: see ``apply_overrides``).
 
@@ -372,7 +388,9 @@ def get_preset(name: str, overrides: dict[str, Any] | None = None, pretrain_defa
     """
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
-    settings = copy.deepcopy({**PRESETS[name], "dataset_finetune": DATASET_FINETUNE[name],
-                              "estimate": cost_estimate(name)})
+    settings = copy.deepcopy({**PRESETS[name], "family_finetune": FAMILY_FINETUNE[name],
+                              "dataset_finetune": DATASET_FINETUNE[name], "estimate": cost_estimate(name)})
     settings["pretrain"] = {**copy.deepcopy(pretrain_defaults or {}), **settings["pretrain"]}
-    return apply_overrides(settings, for_every_dataset(overrides or {}, settings["dataset_finetune"]), open_keys)
+    # a family may be given any fine-tuning setting, whether or not the preset already sets one for it
+    family_keys = {f"family_finetune.{family}": set(settings["finetune"]) for family in settings["family_finetune"]}
+    return apply_overrides(settings, for_every_group(overrides or {}, settings), {**family_keys, **(open_keys or {})})

@@ -1,6 +1,6 @@
-"""Per-dataset fine-tuning settings: AASCE 2019's tall, narrow spine X-rays get their own resolution, target width
-and batch, ISBI 2015 keeps the preset's, ``--set`` still changes either, and a fine-tune on a few real AASCE images
-runs and reports pixels."""
+"""Per-dataset and per-family fine-tuning settings: AASCE 2019's tall, narrow spine X-rays get their own resolution,
+target width and batch, ISBI 2015 keeps the preset's, each network family may have its own (the cpu augmentation),
+``--set`` still changes any of them, and a fine-tune on a few real AASCE images runs and reports pixels."""
 
 from __future__ import annotations
 
@@ -14,14 +14,16 @@ from landmark_bench.cli import main
 from landmark_bench.data.readers import Aasce2019Reader
 from landmark_bench.data.registry import get_reader
 from landmark_bench.finetune import finetune
-from landmark_bench.presets import FINETUNE, PRESETS, finetune_settings, get_preset
+from landmark_bench.methods import FAMILIES
+from landmark_bench.presets import FAMILY_FINETUNE, FINETUNE, PRESETS, finetune_settings, get_preset
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-def test_aasce_and_isbi_resolve_to_their_own_settings(preset, data_dir):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_aasce_and_isbi_resolve_to_their_own_settings(preset, family, data_dir):
     settings = get_preset(preset)
-    isbi, aasce = finetune_settings(settings, "isbi2015"), finetune_settings(settings, "aasce2019")
-    assert isbi == FINETUNE[preset]
+    isbi, aasce = finetune_settings(settings, "isbi2015", family), finetune_settings(settings, "aasce2019", family)
+    assert isbi == {**FINETUNE[preset], **FAMILY_FINETUNE[preset][family]}
     # cpu's augmentation was chosen on ISBI validation only: the spine keeps the magnitudes its grids were made with
     chosen_on_isbi = {"augment_strength", "augment_noise"} if preset == "cpu" else set()
     assert {key for key in aasce if aasce[key] != isbi[key]} == {"resolution", "sigma", "refine_window", "batch_size",
@@ -37,18 +39,37 @@ def test_aasce_and_isbi_resolve_to_their_own_settings(preset, data_dir):
     assert 0.8 < height * width * aasce["batch_size"] / (np.prod(isbi["resolution"]) * isbi["batch_size"]) < 1.0
 
 
-def test_set_changes_every_dataset_or_one():
+def test_cpu_isbi_augmentation_is_each_familys_own():
+    """Chosen per family on ISBI validation (results/selection/augmentation.md); a reference row gets the preset's."""
+    settings = get_preset("cpu")
+    augmentation = {family: (cfg["augment_strength"], cfg["augment_noise"]) for family in (*FAMILIES, None)
+                    if (cfg := finetune_settings(settings, "isbi2015", family))}
+    assert augmentation == {"encoder": (1.5, 0.03), "diffusion": (2.0, 0.06), None: (2.0, 0.06)}
+
+
+def test_set_changes_every_dataset_and_family_or_one():
     both = get_preset("cpu", {"finetune.sigma": 3.0, "finetune.lr": 5e-4})
-    assert finetune_settings(both, "aasce2019")["sigma"] == finetune_settings(both, "isbi2015")["sigma"] == 3.0
-    assert finetune_settings(both, "aasce2019")["lr"] == 5e-4
-    stronger = get_preset("cpu", {"finetune.augment_strength": 1.5})  # a key the spine sets itself: both still change
-    assert finetune_settings(stronger, "aasce2019")["augment_strength"] == 1.5
-    assert finetune_settings(stronger, "isbi2015")["augment_strength"] == 1.5
+    assert finetune_settings(both, "aasce2019", "encoder")["sigma"] == finetune_settings(both, "isbi2015",
+                                                                                         "diffusion")["sigma"] == 3.0
+    assert finetune_settings(both, "aasce2019", "diffusion")["lr"] == 5e-4
+    # keys the spine and the encoder family set themselves: every dataset and family still changes
+    stronger = get_preset("cpu", {"finetune.augment_strength": 1.7, "finetune.augment_noise": 0.01})
+    for dataset in ("aasce2019", "isbi2015"):
+        for family in FAMILIES:
+            cfg = finetune_settings(stronger, dataset, family)
+            assert (cfg["augment_strength"], cfg["augment_noise"]) == (1.7, 0.01)
     one = get_preset("cpu", {"dataset_finetune.aasce2019.resolution": [320, 128], "finetune.resolution": [96, 80]})
-    assert finetune_settings(one, "aasce2019")["resolution"] == [320, 128]  # the dataset's own key wins
-    assert finetune_settings(one, "isbi2015")["resolution"] == [96, 80]
+    assert finetune_settings(one, "aasce2019", "encoder")["resolution"] == [320, 128]  # the dataset's own key wins
+    assert finetune_settings(one, "isbi2015", "encoder")["resolution"] == [96, 80]
+    # a family's own key, also one its preset does not set; the dataset's own still wins over it
+    family = get_preset("tiny", {"family_finetune.diffusion.lr": 7e-4, "family_finetune.diffusion.sigma": 4.0})
+    assert finetune_settings(family, "isbi2015", "diffusion")["lr"] == 7e-4
+    assert finetune_settings(family, "isbi2015", "encoder")["lr"] == FINETUNE["tiny"]["lr"]
+    assert finetune_settings(family, "aasce2019", "diffusion")["sigma"] == 2.5
     with pytest.raises(ValueError, match="dataset_finetune.aasce2019.sigma"):
         get_preset("cpu", {"dataset_finetune.aasce2019.sigmaa": 1.0})
+    with pytest.raises(ValueError, match="family_finetune.encoder.sigma"):
+        get_preset("cpu", {"family_finetune.encoder.sigmaa": 1.0})
 
 
 def small_aasce(data_dir: Path, root: Path, counts: dict[str, int]) -> Path:
@@ -73,13 +94,16 @@ def test_tiny_finetune_on_a_few_real_aasce_images_reports_pixels(data_dir, tmp_p
     out = tmp_path / "scratch"
     assert main(["finetune", "--method", "scratch", "--dataset", "aasce2019", "--data-dir", str(data), "--shots", "5",
                  "--preset", "tiny", "--out", str(out), "--set", "finetune.max_steps=4", "finetune.val_every=2",
-                 "dataset_finetune.aasce2019.batch_size=2"]) == 0
+                 "dataset_finetune.aasce2019.batch_size=2", "family_finetune.encoder.augment_noise=0.02"]) == 0
     record = json.loads((out / "run.json").read_text())
     assert record["finetune"]["resolution"] == [128, 48] and record["finetune"]["sigma"] == 2.5
     assert record["finetune"]["batch_size"] == 2 and record["finetune"]["max_steps"] == 4
+    assert record["finetune"]["augment_noise"] == 0.02  # the encoder family's own setting reached the run
     others = [finetune(method=method, dataset="aasce2019", data_dir=str(data), shots=5, seed=0, preset="tiny",
-                       out=tmp_path / method, overrides={"finetune.max_steps": 2, "finetune.val_every": 2})
+                       out=tmp_path / method, overrides={"finetune.max_steps": 2, "finetune.val_every": 2,
+                                                         "family_finetune.encoder.augment_noise": 0.02})
               for method in ("mean_shape", "scratch_unet")]  # the reference row, and the diffusion UNet at 128x48
+    assert [other["finetune"]["augment_noise"] for other in others] == [0.0, 0.0]  # not of the encoder family
     for metrics in (record["metrics"], *(other["metrics"] for other in others)):
         test = metrics["test"]
         assert test["unit"] == "px" and test["n_images"] == 3 and np.isfinite(test["mre"])

@@ -106,7 +106,7 @@ def estimate_seconds(job: Job) -> float:
         return estimate["startup"] + steps * step
     if family is None:
         return estimate["startup"]
-    steps = finetune_settings(settings, job.dataset)["max_steps"]
+    steps = finetune_settings(settings, job.dataset, family)["max_steps"]
     factor = estimate.get("dataset_factor", {}).get(job.dataset, {}).get(job.protocol, {}).get(family, 1.0)
     return estimate["startup"] + factor * (estimate["evaluation"][family]
                                            + steps * estimate[f"{job.protocol}_step"][family])

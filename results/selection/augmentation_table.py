@@ -7,7 +7,8 @@ perturbation, from ``landmark-bench robustness SWEEP --split val --out SWEEP/rob
 Rule (fixed before the runs): each method's mean over the clean and every perturbed validation MRE (each condition
 weighing the same), divided by the same under the first sweep given (the preset's augmentation), so that every
 method weighs the same whatever its error scale; the candidate with the lowest mean of that ratio over the methods
-is chosen.
+is chosen. The same rule is also applied to each network family's methods alone (the encoder detectors, the UNet
+detector), which is how each family got its own augmentation.
 """
 
 from __future__ import annotations
@@ -18,15 +19,16 @@ from pathlib import Path
 
 import pandas as pd
 
-from landmark_bench.presets import FINETUNE
+from landmark_bench.methods import family_of
 
 
 def candidate(sweep: Path) -> str:
-    """The augmentation a sweep ran with: its overrides over the preset's defaults."""
-    overrides = json.loads((sweep / "sweep.json").read_text()).get("overrides") or {}
-    defaults = FINETUNE["cpu"]
-    strength = overrides.get("finetune.augment_strength", defaults["augment_strength"])
-    noise = overrides.get("finetune.augment_noise", defaults["augment_noise"])
+    """The augmentation a sweep's fine-tunes ran with, as their run folders recorded it."""
+    configs = [json.loads(path.read_text())["finetune"] for path in sorted((sweep / "runs").glob("*/config.json"))]
+    found = sorted({(config["augment_strength"], config["augment_noise"]) for config in configs})
+    if len(found) != 1:
+        raise ValueError(f"{sweep}: its runs trained with different augmentations {found}; one candidate a sweep")
+    strength, noise = found[0]
     return f"strength {strength:g}, noise {noise:g}"
 
 
@@ -50,11 +52,15 @@ def main(sweeps: list[str]) -> None:
         for method, values in table[conditions].iterrows():
             print(f"| {name} | {method} | " + " | ".join(f"{value:.2f}" for value in values)
                   + f" | {values.mean():.2f} |")
-        scores[name] = (table[conditions].mean(axis=1) / reference).mean()
-    print()
-    for name, score in sorted(scores.items(), key=lambda item: item[1]):
-        print(f"- {name}: mean over methods of the mean over conditions, relative to the first: {score:.3f}")
-    print(f"\nchosen: {min(scores, key=scores.get)}")
+        scores[name] = table[conditions].mean(axis=1) / reference
+    families = {method: family_of(method) for method in reference.index}
+    for group in [None, *sorted(set(families.values()))]:
+        methods = [method for method, family in families.items() if group in (None, family)]
+        print(f"\n{'every method' if group is None else f'{group} family'} ({', '.join(methods)}):")
+        group_scores = {name: ratios[methods].mean() for name, ratios in scores.items()}
+        for name, score in sorted(group_scores.items(), key=lambda item: item[1]):
+            print(f"- {name}: mean over methods of the mean over conditions, relative to the first: {score:.3f}")
+        print(f"chosen: {min(group_scores, key=group_scores.get)}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from landmark_bench.models.detector import MeanShapeReference
 
 
 def main(dataset: str, shots: int, seed: int, preset: str = "cpu", data_dir: str = "../shared/data") -> None:
-    cfg = protocol_settings(preset_settings(preset), dataset, "finetune")
+    cfg = protocol_settings(preset_settings(preset), dataset, "finetune", "mean_shape")
     datamodule = few_shot_data(cfg, dataset, data_dir, shots, seed)
     reference = MeanShapeReference.from_training_set(datamodule.datasets["train"].landmarks_net, datamodule.size)
     errors = []
