@@ -250,6 +250,12 @@ def _paired_test(base: pd.Series, other: pd.Series) -> tuple[float, int]:
     return float(result.pvalue), len(pairs)
 
 
+def not_learned(method_rows: pd.DataFrame) -> bool:
+    """Whether any of these result rows fine-tuned a pretraining whose health record says it did not learn."""
+    return "pretraining_learned" in method_rows and bool(
+        method_rows["pretraining_learned"].astype(str).str.lower().eq("false").any())
+
+
 def _method_rows(cell: pd.DataFrame, methods: list[str], split: str, expected: int, thresholds: list[str],
                  image_errors: dict[str, pd.Series | None], notes: list[str]) -> tuple[pd.DataFrame, dict]:
     """A summary row per method, and each complete method's per-image MRE indexed by (seed, split, image_id)."""
@@ -260,8 +266,7 @@ def _method_rows(cell: pd.DataFrame, methods: list[str], split: str, expected: i
         done_seeds = set(done["seed"].dropna().tolist())
         row = {"method": method, "reference": False, "n_seeds": len(done_seeds), "n_expected": expected,
                "incomplete": len(done_seeds) < expected,
-               "not_learned": "pretraining_learned" in method_rows
-               and bool(method_rows["pretraining_learned"].astype(str).str.lower().eq("false").any())}
+               "not_learned": not_learned(method_rows)}
         rows.append(row)
         if row["not_learned"]:
             notes.append(f"{method}: its pretraining did not learn (see the pretraining's health.json); "

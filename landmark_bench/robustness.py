@@ -27,7 +27,7 @@ from landmark_bench.data.readers import DatasetReader, Record
 from landmark_bench.data.registry import get_reader
 from landmark_bench.evaluation import metric_for, update_from_points
 from landmark_bench.io import atomic_write_text, write_csv
-from landmark_bench.leaderboard import method_order, protocol_order, read_results
+from landmark_bench.leaderboard import method_order, not_learned, protocol_order, read_results
 from landmark_bench.methods import get_method
 from landmark_bench.predict import check_same_landmarks, load_detector, network_images
 
@@ -101,7 +101,8 @@ def perturbed_inputs(reader: DatasetReader, split: str, names: list[str], seeds:
 def result_row(run: pd.Series, split: str, perturbation: str, perturbation_seed: float, result: dict) -> dict:
     return {"dataset": run.dataset, "shots": run.shots, "method": run.method, "protocol": run.protocol,
             "seed": run.seed, "run_dir": str(run.run_folder), "split": split, "perturbation": perturbation,
-            "perturbation_seed": perturbation_seed, "unit": result["unit"], "n_images": result["n_images"],
+            "perturbation_seed": perturbation_seed, "pretraining_learned": run.get("pretraining_learned"),
+            "unit": result["unit"], "n_images": result["n_images"],
             "mre": result["mre"], "mre_std": result["mre_std"],
             **{f"sdr_{float(threshold)}": value for threshold, value in result["sdr"].items()}}
 
@@ -167,6 +168,9 @@ def markdown(frame: pd.DataFrame, names: list[str], seeds: Sequence[int], shrunk
              "are measured in the original image (predictions mapped back by the exact inverse affine).", ""]
     lines += [f"- {name}: {PERTURBATIONS[name].summary}" for name in names]
     lines += [f"- {note}" for note in notes]
+    if not_learned(frame):
+        lines.append("- (not learned): the run fine-tuned a pretraining whose health record says it did not learn "
+                     "(see the pretraining's health.json); the row measures an untrained network, not the method")
     for dataset, fractions in shrunk.items():
         kept = ", ".join(f"{name} {fraction:.0%}" for name, fraction in fractions.items()
                          if PERTURBATIONS[name].geometry)
@@ -185,7 +189,9 @@ def markdown(frame: pd.DataFrame, names: list[str], seeds: Sequence[int], shrunk
             for protocol in protocol_order(cell.protocol):
                 for method in method_order(cell[cell.protocol.eq(protocol)].method):
                     values = [means[metric].get((method, protocol, column), np.nan) for column in columns]
-                    lines.append(f"| {method} | {protocol} | {runs[method, protocol]} | "
+                    own = cell[cell.method.eq(method) & cell.protocol.eq(protocol)]
+                    label = f"{method} (not learned)" if not_learned(own) else method
+                    lines.append(f"| {label} | {protocol} | {runs[method, protocol]} | "
                                  + " | ".join(f"{value:.2f}" for value in values) + " |")
     return "\n".join(lines) + "\n"
 

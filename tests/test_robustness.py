@@ -13,7 +13,7 @@ from landmark_bench.data.perturbations import PERTURBATIONS, PerturbedReader, ge
 from landmark_bench.data.phantom import PHANTOM_IMAGE_SIZE, make_phantom
 from landmark_bench.data.registry import get_reader
 from landmark_bench.predict import load_detector, network_images
-from landmark_bench.robustness import predict_points, score
+from landmark_bench.robustness import markdown, predict_points, score
 
 IMAGES = [100, 101, 102]  # phantom indices (seed 0)
 TOLERANCE_PX = 0.06  # a half-pixel convention slip would be 0.5; resampling a 1.5 px blob costs up to ~0.04
@@ -127,3 +127,18 @@ def test_robustness_command_on_a_tiny_sweep(tmp_path, capsys):
     assert np.isfinite(val_rows.mre).all() and list(val_rows.index) == ["clean", "zoom_out", "noise"]
     assert "perturbed val images" in (tmp_path / "robust_val.md").read_text()
 
+
+
+def test_robustness_table_labels_rows_of_pretrainings_that_did_not_learn():
+    """As in the leaderboard: a row whose fine-tune started from a pretraining that did not learn says so."""
+    rows = [{"dataset": "phantom", "shots": 5, "method": method, "protocol": "finetune", "seed": seed,
+             "split": "test", "perturbation": perturbation, "perturbation_seed": 0, "pretraining_learned": learned,
+             "unit": "px", "n_images": 40, "mre": 1.0, "mre_std": 0.1, "sdr_2.0": 50.0}
+            for method, learned in (("scratch", None), ("simclr", True), ("dino", False))
+            for seed in (0, 1) for perturbation in ("clean", "noise")]
+    text = markdown(pd.DataFrame(rows), ["noise"], [0], {}, [], "t")
+    labels = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ") and "protocol" not in line]
+    assert labels == ["scratch", "simclr", "dino (not learned)"] * 2
+    assert "(not learned): the run fine-tuned a pretraining" in text
+    learned_only = markdown(pd.DataFrame([row for row in rows if row["method"] != "dino"]), ["noise"], [0], {}, [], "t")
+    assert "not learned" not in learned_only
