@@ -99,7 +99,9 @@ def read_results(*paths: str | Path) -> pd.DataFrame:
     ints.
 
     A failed row superseded by a done row of the same job (a retry) is dropped; two done rows of one job
-    are an error, since averaging or picking one would silently change the numbers.
+    are an error, since averaging or picking one would silently change the numbers. A dataset's reference row
+    (``REFERENCE``) is written by every sweep of it, so identical copies of it (two shot counts' sweeps read
+    together) count once; copies that differ are an error like any other job's.
     """
     text_columns = ["method", "dataset", "status", "reason", "run_dir", "unit", "subset_ids", "shots", "protocol"]
     frame = pd.concat([pd.read_csv(path, dtype={column: str for column in text_columns}) for path in paths],
@@ -109,6 +111,7 @@ def read_results(*paths: str | Path) -> pd.DataFrame:
     frame["protocol"] = protocol.fillna("").str.strip().replace("", DEFAULT_PROTOCOL)
     frame["seed"] = pd.to_numeric(frame["seed"]).astype("Int64")
     frame["reason"] = frame["reason"].fillna("") if "reason" in frame else ""
+    frame = frame[~(frame["method"].eq(REFERENCE) & frame.duplicated(keep="first"))].reset_index(drop=True)
     done = frame["status"].eq("done")
     duplicated = frame[done][frame[done].duplicated(RUN_KEY, keep=False)]
     if not duplicated.empty:

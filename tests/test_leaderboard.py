@@ -284,6 +284,24 @@ def test_two_done_rows_for_one_job_rejected(tmp_path: Path) -> None:
         read_results(sweep)
 
 
+def test_reference_row_of_two_sweeps_of_one_dataset_counts_once(tmp_path: Path) -> None:
+    """The 10- and 25-shot sweeps of ISBI each write the inter-observer row: read together it is one reference."""
+    sweep = write_sweep(tmp_path)
+    frame = pd.read_csv(sweep, dtype={"shots": str})
+    reference = frame.method.eq("inter_observer")
+    assert reference.sum() == 1
+    first, second = tmp_path / "a.csv", tmp_path / "b.csv"
+    frame[~frame.shots.eq("25")].to_csv(first, index=False)
+    frame[frame.shots.eq("25") | reference].to_csv(second, index=False)
+    both = read_results(first, second)
+    assert both.method.eq("inter_observer").sum() == 1 and len(both) == len(frame)
+    assert "inter-observer (reference)" in build_leaderboard([first, second], tmp_path / "out")["markdown"].read_text()
+    frame.loc[reference, "test_mre"] += 0.5  # a reference that differs between the two is not silently picked
+    frame[frame.shots.eq("25") | reference].to_csv(second, index=False)
+    with pytest.raises(ValueError, match="several done rows"):
+        read_results(first, second)
+
+
 # A two-protocol sweep with both random-init controls: per-image MRE levels built by hand per (protocol, method),
 # (seed, image), so each gain and its p-value can be recomputed here from the same numbers.
 PROTOCOL_SEEDS = (0, 1, 2)
