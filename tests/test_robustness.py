@@ -128,7 +128,6 @@ def test_robustness_command_on_a_tiny_sweep(tmp_path, capsys):
     assert "perturbed val images" in (tmp_path / "robust_val.md").read_text()
 
 
-
 def test_robustness_table_labels_rows_of_pretrainings_that_did_not_learn():
     """As in the leaderboard: a row whose fine-tune started from a pretraining that did not learn says so."""
     rows = [{"dataset": "phantom", "shots": 5, "method": method, "protocol": "finetune", "seed": seed,
