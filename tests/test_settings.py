@@ -75,3 +75,11 @@ def test_sweep_refuses_to_resume_a_folder_with_other_settings(tmp_path, capsys):
     assert json.loads((tmp_path / "sweep.json").read_text())["overrides"] == {"finetune.sigma": 3.0}
     assert main(sweep) == 2
     assert "use another --out" in capsys.readouterr().err
+
+
+def test_a_size_that_is_not_a_size_is_refused_with_its_value(tmp_path, capsys):
+    # YAML's null is not a Python literal, so it arrives as the text "null": an error quoting it, not an unpacking one
+    command = ["pretrain", "--method", "ddpm", "--datasets", "phantom", "--preset", "tiny", "--out", str(tmp_path)]
+    assert main([*command, "--set", "pretrain.ddpm.crop_size=null"]) == 2
+    assert "got 'null'" in capsys.readouterr().err
+    assert not (tmp_path / "pretrained.ckpt").exists()

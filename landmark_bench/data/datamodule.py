@@ -3,6 +3,7 @@ every method is pretrained with."""
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -23,8 +24,14 @@ from landmark_bench.heatmaps import gaussian_targets
 
 def as_size(resolution: int | Sequence[int]) -> tuple[int, int]:
     """``128`` -> (128, 128); ``[160, 128]`` -> (160, 128) as (h, w)."""
-    if isinstance(resolution, int):
-        return resolution, resolution
+    def is_side(value: object) -> bool:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
+
+    if is_side(resolution):
+        resolution = (resolution, resolution)
+    if isinstance(resolution, str) or not isinstance(resolution, Sequence) or len(resolution) != 2 \
+            or not all(is_side(side) for side in resolution):
+        raise ValueError(f"a size is a positive integer or [height, width] of positive integers, got {resolution!r}")
     height, width = resolution
     return int(height), int(width)
 
