@@ -127,6 +127,7 @@ class CDPMAlignPretrain(DDPMPretrain):
         timesteps = torch.cat([first, second])
         noise = torch.randn((2 * batch_size, *clean.shape[1:]), device=clean.device, dtype=clean.dtype)
         noisy = self.noise_scheduler.add_noise(clean.repeat(2, 1, 1, 1), noise, timesteps)
+        target = self.target(clean.repeat(2, 1, 1, 1), noise, timesteps)
         null_labels = torch.full_like(labels, self.null_index)
         prediction, features = decoder_features(
             self.unet,
@@ -137,7 +138,7 @@ class CDPMAlignPretrain(DDPMPretrain):
         conditional_prediction, null_prediction = prediction.chunk(2)
         dropout = self.hparams.condition_dropout
         diffusion_loss = (
-            (1 - dropout) * F.mse_loss(conditional_prediction, noise) + dropout * F.mse_loss(null_prediction, noise)
+            (1 - dropout) * F.mse_loss(conditional_prediction, target) + dropout * F.mse_loss(null_prediction, target)
         )
 
         cond_1, cond_2, null_1, null_2 = zip(*(features[scale].chunk(4) for scale in self.align_scales), strict=True)

@@ -25,8 +25,10 @@ from landmark_bench.methods.base import BackboneSpec, register
 from landmark_bench.presets import DIFFUSION_PRETRAIN
 from landmark_bench.models.unet import (
     DEFAULT_BACKBONE_TIMESTEP,
+    PREDICTION_TYPES,
     DiffusionBackbone,
     build_unet,
+    epsilon_from_prediction,
     make_noise_scheduler,
     to_diffusion_range,
 )
@@ -90,11 +92,13 @@ class DDPMPretrain(L.LightningModule):
         beta_schedule: str = "linear",
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
+        prediction_type: str = "epsilon",
         backbone_timestep: int = DEFAULT_BACKBONE_TIMESTEP,
         health_timesteps: tuple[float, ...] = HEALTH_TIMESTEPS,
     ):
         """``lr_schedule``: a diffusers ``get_scheduler`` name; ``weight_decay``: as diffusers' training example.
 
+        ``prediction_type``: one of ``PREDICTION_TYPES``; the sampler and the health record follow it.
         ``backbone_timestep``: the timestep fine-tuning runs this UNet at unless told otherwise, saved with the
         checkpoint so a preset's pretraining and its downstream reading travel together.
         ``health_timesteps``: fractions of ``num_train_timesteps`` at which ``health_record`` measures.
@@ -103,6 +107,8 @@ class DDPMPretrain(L.LightningModule):
         self.save_hyperparameters()
         if not dataset_names:
             raise ValueError("dataset_names must name the pretraining datasets")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
         self.unet = build_unet(unet, num_conditions=len(dataset_names) if self.conditional else None)
         self.ema_unet = AveragedModel(self.unet, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
         self.ema_unet.requires_grad_(False)
@@ -125,15 +131,22 @@ class DDPMPretrain(L.LightningModule):
         return [("unconditional", None)]
 
     def add_noise(self, clean: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Noise ``clean`` at uniformly drawn timesteps: (noisy, noise, timesteps)."""
+        """Noise ``clean`` at uniformly drawn timesteps: (noisy, target, timesteps), the target being what the
+        UNet is trained to predict."""
         noise = torch.randn_like(clean)
         timesteps = torch.randint(0, self.hparams.num_train_timesteps, (clean.shape[0],), device=clean.device)
-        return self.noise_scheduler.add_noise(clean, noise, timesteps), noise, timesteps
+        return self.noise_scheduler.add_noise(clean, noise, timesteps), self.target(clean, noise, timesteps), timesteps
+
+    def target(self, clean: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        """The training target of the ``prediction_type``: the noise, or the velocity."""
+        if self.hparams.prediction_type == "epsilon":
+            return noise
+        return self.noise_scheduler.get_velocity(clean, noise, timesteps)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        noisy, noise, timesteps = self.add_noise(to_diffusion_range(batch["image"]))
+        noisy, target, timesteps = self.add_noise(to_diffusion_range(batch["image"]))
         prediction = self.unet(noisy, timesteps, self.training_condition(batch)).sample
-        loss = F.mse_loss(prediction, noise)
+        loss = F.mse_loss(prediction, target)
         self.log("train/diffusion_loss", loss, prog_bar=True)
         self.log("train/loss", loss)
         return loss
@@ -166,7 +179,8 @@ class DDPMPretrain(L.LightningModule):
     def denoising_mse(
         self, unet: UNet2DModel, batch: dict, timestep: int, seed: int = 0, batch_size: int = 64
     ) -> float:
-        """Mean ε-prediction MSE of ``unet`` on ``batch`` noised to ``timestep`` with noise fixed by ``seed``."""
+        """Mean ε-prediction MSE of ``unet`` (its output read as the ε it implies) on ``batch`` noised to
+        ``timestep`` with noise fixed by ``seed``."""
         clean = to_diffusion_range(batch["image"]).to(self.device)
         labels = self.condition_labels(batch["dataset_index"].to(self.device))
         noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed)).to(self.device)
@@ -176,8 +190,23 @@ class DDPMPretrain(L.LightningModule):
         for start in range(0, len(clean), batch_size):
             part = slice(start, start + batch_size)
             prediction = unet(noisy[part], timesteps[part], None if labels is None else labels[part]).sample
-            total += F.mse_loss(prediction.float(), noise[part], reduction="sum").item()
+            epsilon = epsilon_from_prediction(self.noise_scheduler, prediction.float(), noisy[part], timesteps[part])
+            total += F.mse_loss(epsilon, noise[part], reduction="sum").item()
         return total / noise.numel()
+
+    def mean_image_mse(self, batch: dict, timesteps: list[int]) -> list[float]:
+        """ε-prediction MSE, at each timestep, of predicting the clean image as its dataset's per-pixel mean image.
+
+        The best prediction that ignores the image: its ε error is sqrt(ᾱ/(1 − ᾱ))·(x0 − mean), whatever the
+        noise, so the MSE is ᾱ/(1 − ᾱ) times the images' mean squared deviation from their dataset's mean image.
+        """
+        clean = to_diffusion_range(batch["image"]).double()
+        index = batch["dataset_index"]
+        deviation = torch.cat([clean[index == value] - clean[index == value].mean(0, keepdim=True)
+                               for value in index.unique()])
+        spread = float(deviation.square().mean())
+        alphas = self.noise_scheduler.alphas_cumprod.double()
+        return [float(alphas[timestep] / (1 - alphas[timestep])) * spread for timestep in timesteps]
 
     @torch.no_grad()
     def health_record(self, datamodule, crops_per_image: int = 4, seed: int = 0) -> dict:
@@ -207,6 +236,7 @@ class DDPMPretrain(L.LightningModule):
                        enumerate(timesteps)]
         untrained_mse = [self.denoising_mse(untrained, batch, timestep, seed + step) for step, timestep in
                          enumerate(timesteps)]
+        mean_image_mse = self.mean_image_mse(batch, timesteps)
         pretrained.train(was_training)
         ratios = [learned / untrained for learned, untrained in zip(learned_mse, untrained_mse, strict=True)]
         learned = all(ratio <= HEALTH_RATIO for ratio in ratios)
@@ -219,12 +249,16 @@ class DDPMPretrain(L.LightningModule):
             "summary": (
                 f"{self.name}: held-out denoising MSE t={'/'.join(map(str, timesteps))}: "
                 f"{figures(learned_mse)} vs untrained {figures(untrained_mse)} "
-                f"({'learned' if learned else 'NOT learned'}: criterion <= {HEALTH_RATIO}x untrained at every t)"
+                f"({'learned' if learned else 'NOT learned'}: criterion <= {HEALTH_RATIO}x untrained at every t); "
+                f"the condition's mean image {figures(mean_image_mse)}"
             ),
             "metric": "held-out epsilon-prediction MSE (EMA UNet vs seeded fresh init, fixed seeded noise)",
             "timesteps": timesteps,
             "pretrained_mse": learned_mse,
             "untrained_mse": untrained_mse,
+            "mean_image_mse": mean_image_mse,
+            "mean_image": "x0 predicted as the per-pixel mean of the held-out samples of the image's dataset, the "
+                          "image itself unseen: a UNet above it at a timestep has not learned the layout there",
             "ratio": ratios,
             "criterion_ratio": HEALTH_RATIO,
             "held_out_images": len(datamodule.held_out),

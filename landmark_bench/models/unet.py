@@ -78,15 +78,31 @@ def decoder_features(
     return prediction, features
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+"""What the UNet is trained to predict: the noise ε, or the velocity v = sqrt(ᾱ)·ε − sqrt(1 − ᾱ)·x0 (Salimans and
+Ho 2022), whose loss weighs the high-noise timesteps, where an image's layout is decided, far more than ε's
+loss does."""
+
+
 def make_noise_scheduler(hparams: dict) -> DDPMScheduler:
     """The DDPM noise schedule of a module's (or a checkpoint's) hyperparameters; older checkpoints lack the
-    beta range and get diffusers' defaults, which they were trained with."""
+    beta range and the prediction type and get diffusers' defaults, which they were trained with."""
     return DDPMScheduler(
         num_train_timesteps=hparams["num_train_timesteps"],
         beta_schedule=hparams.get("beta_schedule", "linear"),
         beta_start=hparams.get("beta_start", 1e-4),
         beta_end=hparams.get("beta_end", 0.02),
+        prediction_type=hparams.get("prediction_type", "epsilon"),
     )
+
+
+def epsilon_from_prediction(scheduler: DDPMScheduler, prediction: Tensor, noisy: Tensor, timesteps: Tensor) -> Tensor:
+    """The noise ε implied by a UNet output under ``scheduler``'s prediction type, so that losses of ε- and
+    v-prediction UNets are measured on one scale."""
+    if scheduler.config.prediction_type == "epsilon":
+        return prediction
+    alphas = scheduler.alphas_cumprod.to(device=noisy.device, dtype=noisy.dtype)[timesteps].view(-1, 1, 1, 1)
+    return alphas.sqrt() * prediction + (1 - alphas).sqrt() * noisy
 
 
 class DiffusionBackbone(nn.Module):
