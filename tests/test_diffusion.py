@@ -24,6 +24,8 @@ from landmark_bench.models.unet import (
     DiffusionBackbone,
     build_unet,
     decoder_features,
+    epsilon_from_prediction,
+    make_noise_scheduler,
     to_diffusion_range,
 )
 from landmark_bench.data.datamodule import UnlabeledDataModule
@@ -223,6 +225,51 @@ def test_epsilon_loss_falls_on_a_fixed_batch():
     batch = [{"image": image, "dataset_index": torch.tensor(0)} for image in images]
     quiet_trainer(25).fit(module, DataLoader(batch * 25, batch_size=4))
     assert held_out_loss() < 0.5 * before
+
+
+def test_a_velocity_reads_back_as_exactly_its_noise():
+    scheduler = make_noise_scheduler({"num_train_timesteps": 1000, "prediction_type": "v_prediction"})
+    generator = torch.Generator().manual_seed(0)
+    clean, noise = torch.rand((6, 1, 8, 8), generator=generator) * 2 - 1, torch.randn((6, 1, 8, 8), generator=generator)
+    timesteps = torch.tensor([0, 50, 200, 500, 800, 999])
+    noisy = scheduler.add_noise(clean, noise, timesteps)
+    velocity = scheduler.get_velocity(clean, noise, timesteps)
+    torch.testing.assert_close(epsilon_from_prediction(scheduler, velocity, noisy, timesteps), noise)
+    epsilon_scheduler = make_noise_scheduler({"num_train_timesteps": 1000})
+    assert epsilon_from_prediction(epsilon_scheduler, noise, noisy, timesteps) is noise
+
+
+def test_v_prediction_trains_on_the_velocity_and_its_health_is_in_epsilon_units():
+    """The v-prediction loss falls on a fixed batch, and the health record's ε-MSE of the trained UNet is the
+    velocity error it was trained on, scaled by ᾱ (ε error = sqrt(ᾱ)·v error)."""
+    torch.manual_seed(0)
+    images = disc_images(4)
+    module = DDPMPretrain(unet=TINY_UNET, dataset_names=DATASETS, max_steps=40, lr=3e-3, warmup_steps=0,
+                          lr_schedule="constant", ema_decay=0.5, prediction_type="v_prediction")
+    clean = to_diffusion_range(images)
+    timesteps = torch.full((4,), 800)
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))
+    noisy = module.noise_scheduler.add_noise(clean, noise, timesteps)
+    target = module.noise_scheduler.get_velocity(clean, noise, timesteps)
+
+    def velocity_loss() -> float:
+        with torch.no_grad():
+            return F.mse_loss(module.ema_unet.module(noisy, timesteps).sample, target).item()
+
+    before = velocity_loss()
+    batch = [{"image": image, "dataset_index": torch.tensor(0)} for image in images]
+    quiet_trainer(40).fit(module, DataLoader(batch * 40, batch_size=4))
+    after = velocity_loss()
+    assert after < 0.5 * before
+    alpha = float(module.noise_scheduler.alphas_cumprod[800])
+    measured = module.denoising_mse(module.ema_unet.module, {"image": images, "dataset_index": torch.zeros(4).long()},
+                                    800, seed=0)
+    assert measured == pytest.approx(alpha * after, rel=1e-4)
+
+
+def test_an_unknown_prediction_type_is_refused():
+    with pytest.raises(ValueError, match="prediction_type must be one of .*'x0'"):
+        DDPMPretrain(unet=TINY_UNET, dataset_names=DATASETS, max_steps=6, prediction_type="x0")
 
 
 def test_trainer_max_steps_must_match_the_schedule():
@@ -437,11 +484,12 @@ def test_tiny_pretraining_writes_a_health_record(method, tmp_path):
     health = json.loads((tmp_path / "health.json").read_text())
     assert json.loads((tmp_path / "run.json").read_text())["health"] == health
     assert health == json.loads(json.dumps(record["health"]))
-    assert {"learned", "summary", "timesteps", "pretrained_mse", "untrained_mse", "ratio"} <= set(health)
+    assert {"learned", "summary", "timesteps", "pretrained_mse", "untrained_mse", "mean_image_mse", "ratio"} \
+        <= set(health)
     assert isinstance(health["learned"], bool) and "held-out denoising MSE" in health["summary"]
     assert health["timesteps"] == [50, 200, 500, 800]
-    values = health["pretrained_mse"] + health["untrained_mse"] + health["ratio"]
-    assert len(values) == 12 and all(math.isfinite(value) and value > 0 for value in values)
+    values = health["pretrained_mse"] + health["untrained_mse"] + health["mean_image_mse"] + health["ratio"]
+    assert len(values) == 16 and all(math.isfinite(value) and value > 0 for value in values)
     assert health["learned"] == all(ratio <= 0.7 for ratio in health["ratio"])
     assert health["held_out_images"] == 10 and health["sample_shape"] == [1, 16, 16]
 
@@ -459,12 +507,37 @@ def test_health_record_sees_what_training_taught():
         held_out = type("Held", (), {"__len__": lambda self: 4,
                                      "fixed_batch": lambda self, **_: {"image": images,
                                                                        "dataset_index": torch.zeros(4).long()}})()
+        dataset = held_out
 
         def setup(self, stage):
             pass
 
     health = module.health_record(HeldOut())
     assert health["learned"] and all(ratio < 0.5 for ratio in health["ratio"])
+
+
+def test_mean_image_reference_is_the_error_of_predicting_each_dataset_mean_training_image():
+    """The closed form equals the ε-MSE measured by predicting x0 as the per-dataset mean of the training images, for
+    any noise; a dataset without training images is refused."""
+    module = DDPMPretrain(unet=TINY_UNET, dataset_names=DATASETS, max_steps=6)
+    images, training_images = disc_images(6)[:3], disc_images(6)
+    labels, training_labels = torch.tensor([0, 1, 1]), torch.tensor([0, 0, 0, 1, 1, 1])
+    clean = to_diffusion_range(images).double()
+    training = to_diffusion_range(training_images).double()
+    means = torch.stack([training[training_labels == label].mean(0) for label in labels])
+    alphas = module.noise_scheduler.alphas_cumprod.double()
+    timesteps = [50, 500, 800]
+    training_batch = {"image": training_images, "dataset_index": training_labels}
+    reference = module.mean_image_mse({"image": images, "dataset_index": labels}, timesteps, training_batch)
+    for timestep, value in zip(timesteps, reference, strict=True):
+        noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(timestep), dtype=torch.float64)
+        alpha = alphas[timestep]
+        noisy = alpha.sqrt() * clean + (1 - alpha).sqrt() * noise
+        predicted_noise = (noisy - alpha.sqrt() * means) / (1 - alpha).sqrt()
+        assert value == pytest.approx(float(F.mse_loss(predicted_noise, noise)), rel=1e-9)
+    with pytest.raises(ValueError, match=r"no training images of dataset index \[1\]"):
+        module.mean_image_mse({"image": images, "dataset_index": labels}, timesteps,
+                              {"image": training_images[:3], "dataset_index": training_labels[:3]})
 
 
 def stub_features(timestep: int, condition: int, shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:

@@ -194,16 +194,21 @@ class DDPMPretrain(L.LightningModule):
             total += F.mse_loss(epsilon, noise[part], reduction="sum").item()
         return total / noise.numel()
 
-    def mean_image_mse(self, batch: dict, timesteps: list[int]) -> list[float]:
-        """ε-prediction MSE, at each timestep, of predicting the clean image as its dataset's per-pixel mean image.
+    def mean_image_mse(self, batch: dict, timesteps: list[int], training_batch: dict) -> list[float]:
+        """ε-prediction MSE on ``batch``, at each timestep, of predicting the clean image as its dataset's per-pixel
+        mean image over ``training_batch``.
 
         The best prediction that ignores the image: its ε error is sqrt(ᾱ/(1 − ᾱ))·(x0 − mean), whatever the
         noise, so the MSE is ᾱ/(1 − ᾱ) times the images' mean squared deviation from their dataset's mean image.
         """
         clean = to_diffusion_range(batch["image"]).double()
-        index = batch["dataset_index"]
-        deviation = torch.cat([clean[index == value] - clean[index == value].mean(0, keepdim=True)
-                               for value in index.unique()])
+        training = to_diffusion_range(training_batch["image"]).double()
+        index, training_index = batch["dataset_index"], training_batch["dataset_index"]
+        missing = sorted(set(index.tolist()) - set(training_index.tolist()))
+        if missing:
+            raise ValueError(f"mean_image_mse: no training images of dataset index {missing}")
+        means = {value: training[training_index == value].mean(0) for value in index.unique().tolist()}
+        deviation = clean - torch.stack([means[value] for value in index.tolist()])
         spread = float(deviation.square().mean())
         alphas = self.noise_scheduler.alphas_cumprod.double()
         return [float(alphas[timestep] / (1 - alphas[timestep])) * spread for timestep in timesteps]
@@ -236,7 +241,8 @@ class DDPMPretrain(L.LightningModule):
                        enumerate(timesteps)]
         untrained_mse = [self.denoising_mse(untrained, batch, timestep, seed + step) for step, timestep in
                          enumerate(timesteps)]
-        mean_image_mse = self.mean_image_mse(batch, timesteps)
+        training_batch = datamodule.dataset.fixed_batch(crops_per_image=crops_per_image, seed=seed)
+        mean_image_mse = self.mean_image_mse(batch, timesteps, training_batch)
         pretrained.train(was_training)
         ratios = [learned / untrained for learned, untrained in zip(learned_mse, untrained_mse, strict=True)]
         learned = all(ratio <= HEALTH_RATIO for ratio in ratios)
@@ -257,8 +263,8 @@ class DDPMPretrain(L.LightningModule):
             "pretrained_mse": learned_mse,
             "untrained_mse": untrained_mse,
             "mean_image_mse": mean_image_mse,
-            "mean_image": "x0 predicted as the per-pixel mean of the held-out samples of the image's dataset, the "
-                          "image itself unseen: a UNet above it at a timestep has not learned the layout there",
+            "mean_image": "x0 predicted as the per-pixel mean of the training samples of the image's dataset, the "
+                          "image itself unseen: a UNet above it at a timestep predicts the layout worse than that",
             "ratio": ratios,
             "criterion_ratio": HEALTH_RATIO,
             "held_out_images": len(datamodule.held_out),
