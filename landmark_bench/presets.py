@@ -105,13 +105,13 @@ def for_every_group(overrides: dict[str, Any], settings: dict) -> dict[str, Any]
 # Diffusion pretraining (ddpm, cdpm_align): one UNet config per preset, shared by both methods and by their
 # fine-tuning backbone. Keys are diffusers ``UNet2DModel`` arguments (channels, FiLM and the class
 # embedding are set in ``landmark_bench.models.unet.build_unet``); four levels give CDPM-Align its four
-# decoder scales, and fine-tuning sizes must be multiples of 8. ``sample_size`` equals the pretraining crop
-# size (it sets the size of the sample-grid figure).
+# decoder scales, and fine-tuning sizes must be multiples of 8. ``sample_size`` is the size the UNet pretrains at,
+# the crop or the whole cached image, (h, w) or one side of a square (it sets the size of the sample-grid figure).
 UNET: dict[str, dict] = {
     "tiny": {"sample_size": 16, "block_out_channels": [8, 8, 16, 16], "layers_per_block": 1, "norm_num_groups": 4,
              "down_block_types": ["DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D"],
              "up_block_types": ["AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"], "attention_head_dim": 8},
-    "cpu": {"sample_size": 64, "block_out_channels": [16, 32, 64, 64], "layers_per_block": 1, "norm_num_groups": 8,
+    "cpu": {"sample_size": [80, 64], "block_out_channels": [16, 32, 64, 64], "layers_per_block": 1, "norm_num_groups": 8,
             "down_block_types": ["DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D"],
             "up_block_types": ["AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"], "attention_head_dim": 32},
     "paper": {"sample_size": 256, "block_out_channels": [64, 128, 256, 512], "layers_per_block": 2,
@@ -123,19 +123,21 @@ UNET: dict[str, dict] = {
 # UnlabeledDataModule; every other key is a keyword argument of ``DDPMPretrain`` / ``CDPMAlignPretrain`` (with
 # ``unet=UNET[preset]``). Both methods get the same schedule so that they differ only by the condition and the
 # alignment phase.
-# The UNet pretrains on random ``crop_size`` crops of images cached at the fine-tuning resolution, i.e. at the
-# pixel scale it later localises at (``crop_scale`` (lo, hi) would mix in larger windows resized to the crop: not
-# chosen, see results/selection/diffusion.md); ``held_out_fraction`` of each dataset's pool is kept out for the
-# health record.
-# cpu: lr, steps and EMA chosen on the held-out denoising loss (results/selection/diffusion.md), sized for about
-# 15 minutes of one thread per pretraining.
+# The UNet pretrains on random ``crop_size`` crops of images cached at ``resolution`` (the fine-tuning resolution: the
+# pixel scale it later localises at), or with ``crop_size`` None on whole images cached at ``resolution``
+# (``crop_scale`` (lo, hi) would mix in larger windows resized to the crop: not chosen). ``held_out_fraction`` of each
+# dataset's pool is kept out for the health record.
+# cpu: lr and EMA chosen on the held-out denoising loss; whole images at half the fine-tuning resolution for 2000
+# steps, because every run at the fine-tuning pixel scale (64 and 128 crops, multi-scale crops, v-prediction) and
+# every 1000-step run sampled texture without anatomy, where this one samples skulls, spines, hands and lungs and
+# is not worse on ISBI validation (results/selection/diffusion.md, "Twice the steps on whole images").
 _DDPM = {
     "tiny": {"resolution": [32, 24], "crop_size": 16, "crop_scale": None, "held_out_fraction": 0.1, "batch_size": 4,
              "max_steps": 8, "lr": 1e-3, "warmup_steps": 2, "ema_decay": 0.9, "lr_schedule": "cosine",
              "weight_decay": 1e-6, "num_train_timesteps": 1000, "beta_schedule": "linear",
              "prediction_type": "epsilon"},
-    "cpu": {"resolution": [160, 128], "crop_size": 64, "crop_scale": None, "held_out_fraction": 0.05,
-            "batch_size": 16, "max_steps": 1000, "lr": 3e-3, "warmup_steps": 50, "ema_decay": 0.995,
+    "cpu": {"resolution": [80, 64], "crop_size": None, "crop_scale": None, "held_out_fraction": 0.05,
+            "batch_size": 16, "max_steps": 2000, "lr": 3e-3, "warmup_steps": 50, "ema_decay": 0.995,
             "lr_schedule": "cosine", "weight_decay": 1e-6, "num_train_timesteps": 1000, "beta_schedule": "linear",
             "prediction_type": "epsilon"},
     # The CDPM-Align paper's settings as quoted by a public third-party reproduction (second-hand; the paper text
@@ -265,8 +267,9 @@ ESTIMATE: dict[str, dict] = {
             "finetune_step": {"encoder": 0.4, "diffusion": 1.7}, "probe_step": {"encoder": 0.08, "diffusion": 0.15},
             # dino: taken as simclr's (two 64-px views per image through the same encoder since it has no local
             # crops), not timed on its own
-            "pretrain_step": {"ddpm": 0.7, "cdpm_align": 0.9, "simclr": 1.02, "moco": 1.2, "dino": 1.02},
-            "pretrain_step_by_family": {"encoder": 1.2, "diffusion": 0.9},
+            # ddpm, cdpm_align: the 64x64-crop figures (0.7, 0.9) scaled by the whole 80x64 images' pixels (1.25x)
+            "pretrain_step": {"ddpm": 0.875, "cdpm_align": 1.125, "simclr": 1.02, "moco": 1.2, "dino": 1.02},
+            "pretrain_step_by_family": {"encoder": 1.2, "diffusion": 1.125},
             # AASCE 2019 (68 landmarks, 96 validation images) at the same steps and pixels per step as ISBI: the
             # ratio of its jobs' wall time less start-up to ISBI's model, from the 10-shot spine sweep of
             # 2026-12-03 (benchmarks/RESULTS.md)

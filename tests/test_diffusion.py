@@ -385,8 +385,15 @@ def test_samples_command_renders_a_checkpoint_with_guidance_and_refuses_a_non_ge
 def test_presets_build_both_methods_on_one_unet(preset):
     settings = PRESETS[preset]
     ddpm_settings, cdpm_settings = settings["pretrain"]["ddpm"], settings["pretrain"]["cdpm_align"]
-    assert settings["unet"]["sample_size"] == ddpm_settings["crop_size"] == cdpm_settings["crop_size"]
-    assert ddpm_settings["resolution"] == FINETUNE[preset]["resolution"] or preset == "tiny"  # fine-tune pixel scale
+    assert ddpm_settings["crop_size"] == cdpm_settings["crop_size"]
+    trained_at = ddpm_settings["crop_size"] or ddpm_settings["resolution"]  # a crop, or the whole cached image
+    assert settings["unet"]["sample_size"] == trained_at
+    if ddpm_settings["crop_size"]:  # crops are cut at the fine-tuning pixel scale
+        assert ddpm_settings["resolution"] == FINETUNE[preset]["resolution"] or preset == "tiny"
+    else:  # whole images keep the fine-tuning aspect, at a scale the UNet's levels divide
+        fine = FINETUNE[preset]["resolution"]
+        assert ddpm_settings["resolution"][0] * fine[1] == ddpm_settings["resolution"][1] * fine[0]
+        assert all(side % 8 == 0 for side in ddpm_settings["resolution"])
     assert ddpm_settings["held_out_fraction"] > 0  # the health record needs held-out images
     assert {name: cdpm_settings[name] for name in ddpm_settings} == ddpm_settings  # same schedule, cdpm adds its own
     assert len(settings["unet"]["block_out_channels"]) == 4  # four decoder scales for the alignment loss

@@ -333,7 +333,7 @@ def save_sample_grid(
     (trained with condition dropout) samples with classifier-free guidance at ``guidance_scale``
     (ε∅ + w·(ε_c − ε∅); the ∅ row is unguided), which is how such a model is meant to be sampled and what
     makes the per-dataset conditions tell apart. ``step``: the training step named in the title (default: the
-    module's own). ``size``: (h, w) of the samples, default the UNet's square ``sample_size`` (the pretraining
+    module's own). ``size``: (h, w) of the samples, default the UNet's ``sample_size`` (the pretraining
     crop); the fine-tuning resolution shows whether a UNet trained on crops also learned the image's layout.
     """
     unet = module.ema_unet.module
@@ -342,7 +342,8 @@ def save_sample_grid(
     scheduler = DDIMScheduler.from_config(module.noise_scheduler.config)
     scheduler.set_timesteps(num_inference_steps)
     conditions = module.sample_conditions()
-    height, width = size or (unet.config.sample_size, unet.config.sample_size)
+    sample_size = unet.config.sample_size
+    height, width = size or (tuple(sample_size) if isinstance(sample_size, (list, tuple)) else (sample_size, sample_size))
     generator = torch.Generator().manual_seed(seed)
     sample = torch.randn((len(conditions) * num_per_condition, 1, height, width), generator=generator).to(module.device)
     class_labels = null_labels = None
