@@ -267,9 +267,10 @@ ESTIMATE: dict[str, dict] = {
             "finetune_step": {"encoder": 0.4, "diffusion": 1.7}, "probe_step": {"encoder": 0.08, "diffusion": 0.15},
             # dino: taken as simclr's (two 64-px views per image through the same encoder since it has no local
             # crops), not timed on its own
-            # ddpm, cdpm_align: the 64x64-crop figures (0.7, 0.9) scaled by the whole 80x64 images' pixels (1.25x)
-            "pretrain_step": {"ddpm": 0.875, "cdpm_align": 1.125, "simclr": 1.02, "moco": 1.2, "dino": 1.02},
-            "pretrain_step_by_family": {"encoder": 1.2, "diffusion": 1.125},
+            # ddpm, cdpm_align: (wall - startup) / steps of the whole-image (80x64) pretrainings in the sweep of
+            # 2026-12-04, health record and sample grid included
+            "pretrain_step": {"ddpm": 0.76, "cdpm_align": 1.02, "simclr": 1.02, "moco": 1.2, "dino": 1.02},
+            "pretrain_step_by_family": {"encoder": 1.2, "diffusion": 1.02},
             # AASCE 2019 (68 landmarks, 96 validation images) at the same steps and pixels per step as ISBI: the
             # ratio of its jobs' wall time less start-up to ISBI's model, from the 10-shot spine sweep of
             # 2026-12-03 (benchmarks/RESULTS.md)
