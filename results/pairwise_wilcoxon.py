@@ -2,6 +2,7 @@
 
 The leaderboard tests every row against its family's control and the best row; this answers the
 other questions a reading asks (e.g. ddpm against cdpm_align), over the same (seed, test image) pairs.
+The median and the share of pairs tell where a mean difference comes from a few large errors.
 
     python results/pairwise_wilcoxon.py results/isbi2015/whole80/10shot/per_image_mre.csv ddpm cdpm_align
 """
@@ -31,9 +32,11 @@ def main() -> None:
         a, b = pair[0].align(pair[1], join="inner")
         if a.empty:
             continue
+        difference = a - b
         print(
-            f"{protocol}: {args.method_a} - {args.method_b} = {a.mean() - b.mean():+.3f} mm over {len(a)} "
-            f"(shots, seed, image) pairs, Wilcoxon p = {wilcoxon(a, b).pvalue:.3g}"
+            f"{protocol}: {args.method_a} - {args.method_b} = {difference.mean():+.3f} mm mean, "
+            f"{difference.median():+.3f} mm median over {len(a)} (shots, seed, image) pairs; "
+            f"{args.method_a} lower on {(difference < 0).mean():.0%}; Wilcoxon p = {wilcoxon(a, b).pvalue:.3g}"
         )
 
 
