@@ -52,9 +52,12 @@ def code_version() -> str:
                                    capture_output=True, text=True, timeout=10, check=True)
         return described.stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        from importlib.metadata import version
+        from importlib.metadata import PackageNotFoundError, version
 
-        return f"landmark_bench=={version('landmark_bench')}"
+        try:
+            return f"landmark_bench=={version('landmark_bench')}"
+        except PackageNotFoundError:  # a copied source tree, run from its root: still runs, says what it cannot tell
+            return "unknown (no git checkout, package not installed)"
 
 
 def config_hash(config: dict) -> str:

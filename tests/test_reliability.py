@@ -141,3 +141,22 @@ def test_no_credential_reaches_run_files(tmp_path, monkeypatch):
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert b"secret-key-0123456789" not in path.read_bytes(), path
+
+
+def test_code_version_of_a_copied_tree_without_git_or_installation(monkeypatch):
+    """A source tree copied to a machine without git and run from its root (no installed package) still records
+    runs: its code version says what it cannot tell instead of failing at the end of a run."""
+    import importlib.metadata
+    import subprocess
+
+    from landmark_bench import runs
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(subprocess, "run", no_git)
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    assert runs.code_version() == "unknown (no git checkout, package not installed)"
