@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import lightning.pytorch as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from landmark_bench.checkpoints import read_checkpoint
 from landmark_bench.data.datamodule import LandmarkDataModule, parse_shots
 from landmark_bench.evaluation import LandmarkEvaluation
 from landmark_bench.methods import PROTOCOLS, detector_backbone, family_of, get_method, method_names, preset_settings
@@ -67,6 +69,14 @@ def landmark_detector(method: str, protocol: str, settings: dict, cfg: dict, dat
     )
 
 
+def pretraining_hyper_parameters(method: str, pretrained: str | None) -> dict | None:
+    """The pretraining checkpoint's hyperparameters, kept in the run's ``config.json`` (values JSON cannot hold as
+    their text) so that ``predict`` rebuilds the detector's network from the run folder alone, wherever it moves."""
+    if pretrained is None or not get_method(method).pretrains:  # none, or a misuse the backbone's builder names
+        return None
+    return json.loads(json.dumps(dict(read_checkpoint(pretrained).get("hyper_parameters", {})), default=str))
+
+
 def finetune(
     *,
     method: str,
@@ -118,7 +128,8 @@ def finetune(
         datamodule = few_shot_data(cfg, dataset, data_dir, shots, seed, reader_options)
         record["subset_ids"] = datamodule.subset_ids
         record_json(out / "config.json", {**config, "subset_ids": datamodule.subset_ids,
-                                          "config_hash": record["config_hash"]})
+                                          "config_hash": record["config_hash"],
+                                          "pretraining_hyper_parameters": pretraining_hyper_parameters(method, pretrained)})
         evaluation = LandmarkEvaluation(out)
         loggers = run_loggers(out, out.name, wandb_group,
                               [method, protocol, dataset, f"shots={shots}", f"seed={seed}"], config)

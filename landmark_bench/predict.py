@@ -25,7 +25,7 @@ from landmark_bench.data.readers import DataError, DatasetReader, Record, image_
 from landmark_bench.data.registry import DATASETS, get_reader
 from landmark_bench.evaluation import predictions_frame
 from landmark_bench.io import atomic_write, write_csv
-from landmark_bench.methods import detector_backbone, get_method, preset_settings
+from landmark_bench.methods import detector_architecture, get_method, preset_settings
 from landmark_bench.models.detector import LandmarkDetector
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -78,20 +78,26 @@ def run_files(run: str | Path) -> tuple[Path, Path]:
 def load_detector(run: str | Path) -> tuple[LandmarkDetector, dict]:
     """The run's detector with its best weights, in eval mode, and the run's config.
 
-    The backbone is built as ``finetune`` built it (method, preset and overrides, the pretraining checkpoint it
-    started from), the head from the checkpoint's own hyperparameters.
+    The network is rebuilt as ``finetune`` built it (method, preset and overrides, protocol) at random init from the
+    pretraining's hyperparameters kept in ``config.json``, and every weight comes from the detector's checkpoint: the
+    run folder is self-contained, wherever it is copied. Run folders from before those hyperparameters were kept read
+    them from the pretraining checkpoint the config names.
     """
     config_path, checkpoint_path = run_files(run)
     config = json.loads(config_path.read_text())
-    if get_method(config["method"]).family is None:
+    method = get_method(config["method"])
+    if method.family is None:
         raise ValueError(f"run {run} is the {config['method']!r} reference, which has no detector to apply")
     checkpoint = read_checkpoint(checkpoint_path)
     if "hyper_parameters" not in checkpoint:
         raise CheckpointError(f"checkpoint {checkpoint_path} holds no detector hyperparameters")
+    pretraining = config.get("pretraining_hyper_parameters")
+    if pretraining is None and method.pretrains:
+        pretraining = read_checkpoint(config["pretrained"], expected_method=config["method"])["hyper_parameters"]
     settings, cfg = preset_settings(config["preset"], config.get("overrides")), config["finetune"]
     hparams = checkpoint["hyper_parameters"]
-    backbone = detector_backbone(config["method"], hparams.get("protocol", "finetune"), settings,
-                                 {"diffusion_feature_stride": 1, **cfg}, config["dataset"], config.get("pretrained"))
+    backbone = detector_architecture(config["method"], hparams.get("protocol", "finetune"), settings,
+                                     {"diffusion_feature_stride": 1, **cfg}, config["dataset"], pretraining)
     model = LandmarkDetector(backbone=backbone, **hparams)
     try:
         model.load_state_dict(checkpoint["state_dict"])

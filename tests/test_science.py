@@ -4,6 +4,11 @@ the ISBI test splits are counted and pooled as published."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -12,6 +17,7 @@ from landmark_bench.methods import build_backbone, family_of, get_method, method
 from landmark_bench.methods.ddpm import EMA_PREFIX
 from landmark_bench.checkpoints import read_checkpoint, strip_prefix
 from landmark_bench.models.detector import LandmarkDetector
+from landmark_bench.predict import predict
 from landmark_bench.pretrain import pretrain
 
 LEARNED_METHODS = [method for method in method_names() if family_of(method) is not None]
@@ -27,13 +33,44 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
             for method in method_names(pretrains=True)}
 
 
+@pytest.fixture(scope="module")
+def finetuned(checkpoints, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """Every learned method fine-tuned at the tiny preset on the phantom (10 shots, seed 0) from its checkpoint."""
+    out = tmp_path_factory.mktemp("finetune")
+    return {method: finetune(method=method, dataset="phantom", shots=10, seed=0, preset="tiny", out=out / method,
+                             pretrained=checkpoints.get(method))
+            for method in LEARNED_METHODS}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", LEARNED_METHODS)
-def test_every_method_pretrained_then_fine_tuned_beats_the_mean_shape(method, checkpoints, tiny_runs, tmp_path):
-    record = finetune(method=method, dataset="phantom", shots=10, seed=0, preset="tiny", out=tmp_path,
-                      pretrained=checkpoints.get(method))
-    learned, reference = record["metrics"]["test"]["mre"], tiny_runs["mean_shape"]["metrics"]["test"]["mre"]
+def test_every_method_pretrained_then_fine_tuned_beats_the_mean_shape(method, finetuned, tiny_runs):
+    learned = finetuned[method]["metrics"]["test"]["mre"]
+    reference = tiny_runs["mean_shape"]["metrics"]["test"]["mre"]
     assert learned * BEATS_MEAN_SHAPE_BY < reference, (method, learned, reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, protocol", [*((method, "finetune") for method in method_names(pretrains=True)),
+                                              ("cdpm_align", "probe")])
+def test_a_run_folder_moved_away_from_its_pretraining_predicts_as_the_run_did(method, protocol, finetuned,
+                                                                            checkpoints, tmp_path):
+    """A run folder copied elsewhere, its pretraining checkpoint gone, still rebuilds its detector (the diffusion
+    UNet's config, condition and schedule from config.json) and predicts exactly the run's own test points."""
+    run = finetuned[method] if protocol == "finetune" else finetune(
+        method=method, protocol=protocol, dataset="phantom", shots=10, seed=0, preset="tiny", out=tmp_path / "run",
+        pretrained=checkpoints[method])
+    moved = shutil.copytree(run["run_dir"], tmp_path / "moved run")
+    pretraining = Path(checkpoints[method])
+    hidden = pretraining.rename(pretraining.with_name("elsewhere.ckpt"))
+    try:
+        predict(moved, tmp_path / "test.csv", dataset="phantom", split="test", accelerator="cpu")
+    finally:
+        hidden.rename(pretraining)
+    predicted = pd.read_csv(tmp_path / "test.csv", dtype={"image_id": str})
+    own = pd.read_csv(moved / "predictions.csv", dtype={"image_id": str})
+    assert predicted[["image_id", "landmark"]].equals(own[["image_id", "landmark"]])
+    np.testing.assert_allclose(predicted[["x", "y"]].to_numpy(), own[["x", "y"]].to_numpy(), rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("method", method_names(pretrains=True))

@@ -40,7 +40,8 @@ from landmark_bench.presets import get_preset
 __all__ = [
     "CONTROLS", "FAMILIES", "METHODS", "PROTOCOLS", "BackboneSpec", "DDPMPretrain", "EncoderInitialisation",
     "EncoderPretrainer", "Initialisation", "MomentumPretrainer", "Reference", "build_backbone", "control_of",
-    "detector_backbone", "family_of", "get_method", "method_names", "preset_settings", "register",
+    "detector_architecture", "detector_backbone", "family_of", "get_method", "method_names", "preset_settings",
+    "register",
 ]
 
 
@@ -59,14 +60,29 @@ def build_backbone(method: str, *, pretrained: str | None = None, **spec: Any) -
     return method_class.backbone(BackboneSpec(**spec), pretrained)
 
 
+def detector_spec(protocol: str, settings: dict, cfg: dict, dataset: str) -> dict[str, Any]:
+    """The :class:`BackboneSpec` fields of a ``protocol`` job on ``dataset``: a probe reads the UNet's whole
+    decoder, a fine-tune at ``cfg["diffusion_feature_stride"]``."""
+    return dict(encoder=settings["encoder"], dataset=dataset, timestep=cfg["diffusion_timestep"], unet=settings["unet"],
+                diffusion_schedule=settings["pretrain"]["ddpm"], noise_input=cfg["diffusion_noise_input"],
+                feature_stride=1 if protocol == "probe" else cfg["diffusion_feature_stride"])
+
+
 def detector_backbone(method: str, protocol: str, settings: dict, cfg: dict, dataset: str,
                       pretrained: str | None) -> nn.Module:
-    """``method``'s backbone as a ``protocol`` job on ``dataset`` builds it (also how ``predict`` rebuilds a run's):
-    a probe reads the UNet's whole decoder, a fine-tune at ``cfg["diffusion_feature_stride"]``."""
-    return build_backbone(method, encoder=settings["encoder"], pretrained=pretrained, dataset=dataset,
-                          timestep=cfg["diffusion_timestep"], unet=settings["unet"],
-                          diffusion_schedule=settings["pretrain"]["ddpm"], noise_input=cfg["diffusion_noise_input"],
-                          feature_stride=1 if protocol == "probe" else cfg["diffusion_feature_stride"])
+    """``method``'s backbone as a ``protocol`` job on ``dataset`` builds it, with the weights it starts from."""
+    return build_backbone(method, pretrained=pretrained, **detector_spec(protocol, settings, cfg, dataset))
+
+
+def detector_architecture(method: str, protocol: str, settings: dict, cfg: dict, dataset: str,
+                          pretraining_hyper_parameters: dict | None) -> nn.Module:
+    """The same network at random init, from the pretraining's hyperparameters instead of its checkpoint: what
+    ``predict`` loads a finished detector's weights into."""
+    method_class = get_method(method)
+    if method_class.family is None:
+        raise ValueError(f"method {method!r} has no network to fine-tune")
+    return method_class.architecture(BackboneSpec(**detector_spec(protocol, settings, cfg, dataset)),
+                                     pretraining_hyper_parameters)
 
 
 def preset_settings(preset: str, overrides: dict[str, Any] | None = None) -> dict:

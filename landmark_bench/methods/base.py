@@ -2,7 +2,10 @@
 
 Every method class carries its ``family`` (the network it is fine-tuned as: ``"encoder"``, the timm encoder
 with a U-Net decoder; ``"diffusion"``, the diffusers UNet; ``None`` for a reference row with no network) and its
-hand-over to fine-tuning, ``backbone(spec, checkpoint)``. The kinds:
+hand-over to fine-tuning, ``backbone(spec, checkpoint)``, and ``architecture(spec, hyper_parameters)``: the same
+network at random init from the pretraining's hyperparameters alone, which ``predict`` rebuilds a finished detector
+on (its weights are in the detector's checkpoint), so a run folder needs no pretraining checkpoint beside it. The
+kinds:
 
 - :class:`Reference`: no network (``mean_shape``).
 - :class:`Initialisation`: fine-tuned from weights that need no pretraining run (``scratch``, ``imagenet``,
@@ -100,6 +103,16 @@ class Initialisation:
     def backbone(cls, spec: BackboneSpec, checkpoint: str | None = None) -> nn.Module:
         raise NotImplementedError
 
+    @classmethod
+    def architecture(cls, spec: BackboneSpec, hyper_parameters: dict | None = None) -> nn.Module:
+        """The backbone's network; its weights need no pretraining run, so it is simply ``backbone``."""
+        return cls.backbone(spec)
+
+
+def encoder_architecture(spec: BackboneSpec) -> EncoderBackbone:
+    """The encoder family's network at random init: the timm encoder under the U-Net decoder."""
+    return EncoderBackbone(create_encoder(spec.encoder), spec.decoder_channels)
+
 
 class EncoderInitialisation(Initialisation):
     """The encoder detector with the weights of ``encoder_weights`` (None: random init)."""
@@ -111,9 +124,13 @@ class EncoderInitialisation(Initialisation):
         return None
 
     @classmethod
+    def architecture(cls, spec: BackboneSpec, hyper_parameters: dict | None = None) -> nn.Module:
+        return encoder_architecture(spec)
+
+    @classmethod
     def backbone(cls, spec: BackboneSpec, checkpoint: str | None = None) -> nn.Module:
-        encoder = create_encoder(spec.encoder)
+        network = cls.architecture(spec)
         weights = cls.encoder_weights(spec)
         if weights is not None:
-            encoder.load_state_dict(weights, strict=True)
-        return EncoderBackbone(encoder, spec.decoder_channels)
+            network.encoder.load_state_dict(weights, strict=True)
+        return network

@@ -64,7 +64,16 @@ class DDPMPretrain(L.LightningModule):
     @classmethod
     def backbone(cls, spec: BackboneSpec, checkpoint: str | None) -> DiffusionBackbone:
         """The EMA UNet of the checkpoint, conditioned (when conditional) on ``spec.dataset``."""
-        return load_backbone(checkpoint, cls, spec.dataset, spec.timestep, spec.noise_input, spec.feature_stride)
+        return load_backbone(checkpoint, cls, spec)
+
+    @classmethod
+    def architecture(cls, spec: BackboneSpec, hyper_parameters: dict | None = None) -> DiffusionBackbone:
+        """``backbone``'s network at random init, from the pretraining's hyperparameters (UNet config, condition
+        vocabulary, noise schedule and downstream timestep) instead of its checkpoint."""
+        if not hyper_parameters or "unet" not in hyper_parameters or "dataset_names" not in hyper_parameters:
+            raise ValueError(f"method {cls.name!r} rebuilds its backbone from the pretraining's hyperparameters "
+                             "with its UNet config and dataset names")
+        return diffusion_backbone(unet_of(hyper_parameters, cls), hyper_parameters, cls, spec)
 
     def save_sample_grid(self, path: str | Path) -> Path:
         return save_sample_grid(self, path)
@@ -275,23 +284,40 @@ class DDPMPretrain(L.LightningModule):
         }
 
 
-def load_backbone(
-    checkpoint_path: str | Path,
-    method: type[DDPMPretrain],
-    dataset_name: str | None,
-    timestep: int | None,
-    noise_input: bool = False,
-    feature_stride: int = 1,
-) -> DiffusionBackbone:
+def unet_of(hparams: dict, method: type[DDPMPretrain]) -> UNet2DModel:
+    """The UNet a ``method`` pretraining with ``hparams`` trained, at random init."""
+    return build_unet(hparams["unet"], num_conditions=len(hparams["dataset_names"]) if method.conditional else None)
+
+
+def diffusion_backbone(unet: UNet2DModel, hparams: dict, method: type[DDPMPretrain],
+                       spec: BackboneSpec) -> DiffusionBackbone:
+    """``unet`` of a ``method`` pretraining with ``hparams`` as the fine-tuning backbone ``spec`` asks for.
+
+    ``spec.timestep`` ``None`` takes the pretraining's ``backbone_timestep`` (``DEFAULT_BACKBONE_TIMESTEP`` for
+    checkpoints without one); ``spec.noise_input``: see ``DiffusionBackbone``, noised with the pretraining's schedule;
+    ``spec.feature_stride``: see ``DiffusionBackbone``. A conditional UNet runs with ``spec.dataset``'s index in the
+    pretraining's dataset list, or the null condition when the dataset was not among them.
+    """
+    condition_index = None
+    if method.conditional:
+        dataset_names = list(hparams["dataset_names"])
+        condition_index = dataset_names.index(spec.dataset) if spec.dataset in dataset_names else len(dataset_names)
+    timestep = hparams.get("backbone_timestep", DEFAULT_BACKBONE_TIMESTEP) if spec.timestep is None else spec.timestep
+    return DiffusionBackbone(
+        unet,
+        timestep=timestep,
+        condition_index=condition_index,
+        noise_input=spec.noise_input,
+        feature_stride=spec.feature_stride,
+        noise_scheduler=make_noise_scheduler(hparams),
+    )
+
+
+def load_backbone(checkpoint_path: str | Path, method: type[DDPMPretrain], spec: BackboneSpec) -> DiffusionBackbone:
     """The EMA UNet of a ``method`` checkpoint as a fine-tuning backbone (shared by ddpm and cdpm_align).
 
-    ``timestep`` ``None`` takes the checkpoint's ``backbone_timestep`` (``DEFAULT_BACKBONE_TIMESTEP`` for
-    checkpoints without one); ``noise_input``: see ``DiffusionBackbone``, noised with the checkpoint's schedule;
-    ``feature_stride``: see ``DiffusionBackbone``.
-
     The UNet is rebuilt from the saved hyperparameters and loaded strictly: a missing or extra tensor is an
-    error naming the file. A conditional UNet runs with ``dataset_name``'s index in the saved pretraining
-    list, or the null condition when the dataset was not among them.
+    error naming the file; the rest is ``diffusion_backbone``'s.
     """
     checkpoint = read_checkpoint(checkpoint_path, expected_method=method.name)
     hparams = checkpoint.get("hyper_parameters")
@@ -299,8 +325,7 @@ def load_backbone(
         raise CheckpointError(
             f"checkpoint {checkpoint_path} lacks the UNet config or dataset names in 'hyper_parameters'"
         )
-    dataset_names = list(hparams["dataset_names"])
-    unet = build_unet(hparams["unet"], num_conditions=len(dataset_names) if method.conditional else None)
+    unet = unet_of(hparams, method)
     ema_weights = strip_prefix(checkpoint["state_dict"], EMA_PREFIX, checkpoint_path)
     try:
         unet.load_state_dict(ema_weights, strict=True)
@@ -308,17 +333,7 @@ def load_backbone(
         raise CheckpointError(
             f"checkpoint {checkpoint_path}: EMA weights do not fit the saved UNet config ({error})"
         ) from None
-    condition_index = None
-    if method.conditional:
-        condition_index = dataset_names.index(dataset_name) if dataset_name in dataset_names else len(dataset_names)
-    return DiffusionBackbone(
-        unet,
-        timestep=hparams.get("backbone_timestep", DEFAULT_BACKBONE_TIMESTEP) if timestep is None else timestep,
-        condition_index=condition_index,
-        noise_input=noise_input,
-        feature_stride=feature_stride,
-        noise_scheduler=make_noise_scheduler(hparams),
-    )
+    return diffusion_backbone(unet, hparams, method, spec)
 
 
 @torch.no_grad()

@@ -25,9 +25,8 @@ from lightly.utils.scheduler import CosineWarmupScheduler, cosine_schedule
 from torch import Tensor
 
 from landmark_bench.checkpoints import METHOD_KEY, read_checkpoint, strip_prefix
-from landmark_bench.methods.base import BackboneSpec
+from landmark_bench.methods.base import BackboneSpec, encoder_architecture
 from landmark_bench.methods.views import XRayViews, two_views
-from landmark_bench.models.decoder import EncoderBackbone
 from landmark_bench.models.encoder import create_encoder
 from landmark_bench.presets import SSL_DEFAULTS
 
@@ -84,10 +83,15 @@ class EncoderPretrainer(L.LightningModule, ABC):
         return read_encoder_state(checkpoint_path, cls.name)
 
     @classmethod
+    def architecture(cls, spec: BackboneSpec, hyper_parameters: dict | None = None) -> nn.Module:
+        """The encoder family's network: the pretraining's hyperparameters do not change its shape."""
+        return encoder_architecture(spec)
+
+    @classmethod
     def backbone(cls, spec: BackboneSpec, checkpoint: str | None) -> nn.Module:
-        encoder = create_encoder(spec.encoder)
-        encoder.load_state_dict(cls.encoder_state_dict(checkpoint), strict=True)
-        return EncoderBackbone(encoder, spec.decoder_channels)
+        network = cls.architecture(spec)
+        network.encoder.load_state_dict(cls.encoder_state_dict(checkpoint), strict=True)
+        return network
 
     def __init__(self, encoder: str, max_steps: int, lr: float, weight_decay: float, warmup_steps: int) -> None:
         super().__init__()
