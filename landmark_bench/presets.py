@@ -263,14 +263,15 @@ ESTIMATE: dict[str, dict] = {
              "finetune_step": {"encoder": 0.1, "diffusion": 0.1}, "probe_step": {"encoder": 0.05, "diffusion": 0.05},
              "pretrain_step": {"ddpm": 0.1, "cdpm_align": 0.15, "simclr": 0.1, "moco": 0.1, "dino": 0.2},
              "pretrain_step_by_family": {"encoder": 0.2, "diffusion": 0.15}},
-    "cpu": {"startup": 12.0, "evaluation": {"encoder": 8.0, "diffusion": 24.0},
-            "finetune_step": {"encoder": 0.4, "diffusion": 1.7}, "probe_step": {"encoder": 0.08, "diffusion": 0.15},
-            # dino: taken as simclr's (two 64-px views per image through the same encoder since it has no local
-            # crops), not timed on its own
-            # ddpm, cdpm_align: (wall - startup) / steps of the whole-image (80x64) pretrainings in the sweep of
-            # 2026-12-04, health record and sample grid included
-            "pretrain_step": {"ddpm": 0.76, "cdpm_align": 1.02, "simclr": 1.02, "moco": 1.2, "dino": 1.02},
-            "pretrain_step_by_family": {"encoder": 1.2, "diffusion": 1.02},
+    # cpu: the fresh-clone `make benchmark SHOTS=10` of 2026-12-04 (benchmarks/RESULTS.md), two jobs at a time with
+    # one thread each: a step is a job's training seconds (its validations included) over its steps, evaluation its
+    # wall_seconds less training (test pass, figures, checkpoint), a pretraining step (wall - startup) / steps with
+    # its health record and sample grid; the 2-core machines lent so far differ: the one of 2026-12-02 took 1.66 s
+    # for the UNet fine-tune step that took 0.85 s here
+    "cpu": {"startup": 12.0, "evaluation": {"encoder": 4.5, "diffusion": 11.0},
+            "finetune_step": {"encoder": 0.28, "diffusion": 0.85}, "probe_step": {"encoder": 0.093, "diffusion": 0.13},
+            "pretrain_step": {"ddpm": 0.37, "cdpm_align": 0.49, "simclr": 0.42, "moco": 0.52, "dino": 0.53},
+            "pretrain_step_by_family": {"encoder": 0.53, "diffusion": 0.49},
             # AASCE 2019 (68 landmarks, 96 validation images) at the same steps and pixels per step as ISBI: the
             # ratio of its jobs' wall time less start-up to ISBI's model, from the 10-shot spine sweep of
             # 2026-12-03 (benchmarks/RESULTS.md)
