@@ -1,0 +1,48 @@
+"""Replace one method's rows of a committed grid (its results.csv and per_image_mre.csv) by those of a newer sweep,
+so that a method re-run with new settings joins the grid whose other rows did not change; then
+`landmark-bench leaderboard GRID --out GRID` rebuilds the tables from the files alone.
+
+Refuses (and writes nothing) when the newer sweep lacks one of the grid's (protocol, shots, seed) runs of the
+method or one that is not done, so a half-finished sweep cannot leave a grid with missing rows."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+
+RUN_KEYS = ["protocol", "shots", "seed"]  # read as text, like every column: the files keep their bytes
+
+
+def replace(grid: Path, newer: Path, method: str) -> None:
+    old_results, new_results = (pd.read_csv(path, dtype=str, keep_default_na=False) for path in (grid / "results.csv", newer / "results.csv"))
+    wanted = old_results.loc[old_results.method == method, RUN_KEYS]
+    fresh = new_results[(new_results.method == method) & (new_results.status == "done")]
+    missing = wanted.merge(fresh[RUN_KEYS], how="left", indicator=True).query("_merge == 'left_only'")
+    if not len(wanted) or len(missing):
+        raise SystemExit(f"{newer / 'results.csv'}: no finished {method} run for "
+                         f"{missing[RUN_KEYS].to_dict('records') or 'any row of the grid'}; nothing written")
+    aligned = wanted.merge(fresh, on=RUN_KEYS, how="left")  # in the grid's order of the method's runs
+    per_image_old = pd.read_csv(grid / "per_image_mre.csv", dtype=str, keep_default_na=False)
+    per_image_new = pd.read_csv(newer / "leaderboard" / "per_image_mre.csv", dtype=str, keep_default_na=False)
+    per_image_new = per_image_new[per_image_new.method == method].merge(wanted, on=RUN_KEYS)
+    results = old_results.copy()
+    results.loc[old_results.method == method, :] = aligned[old_results.columns].to_numpy()
+    per_image = pd.concat([per_image_old[per_image_old.method != method], per_image_new[per_image_old.columns]])
+    results.to_csv(grid / "results.csv", index=False)
+    per_image.to_csv(grid / "per_image_mre.csv", index=False)
+    print(f"{grid}: {len(aligned)} {method} runs and {len(per_image_new)} per-image rows from {newer}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("grid", type=Path, help="a committed grid folder (results.csv, per_image_mre.csv)")
+    parser.add_argument("newer", type=Path, help="a sweep folder that re-ran the method (its leaderboard/ built)")
+    parser.add_argument("--method", required=True)
+    args = parser.parse_args()
+    replace(args.grid, args.newer, args.method)
+
+
+if __name__ == "__main__":
+    main()
