@@ -169,7 +169,7 @@ DIFFUSION_PRETRAIN: dict[str, dict[str, dict]] = {
 # (at 20% the two views of one skull share too little for ten epochs to learn from, and SimCLR's loss rose above
 # chance), SimCLR at temperature 0.2; momentum from 0.9 (DINO, MoCo), because at 0.99 the teacher of a run this
 # short stays its random init and DINO's loss never leaves ln(output_dim). DINO with mean centering and multi-crop
-# collapses onto a few outputs and then sits at ln K; DINO here is run "I600" of the selection notes: DINOv2's
+# collapses onto a few outputs and then sits at ln K; DINO here builds on run "I600" of the selection notes: DINOv2's
 # Sinkhorn-Knopp centering and KoLeo term, teacher at a fixed 0.02, K = 256, BatchNorm in the head, two global
 # crops and no local crops (local crops of a skull were too hard to match). At 600 steps with crops of 40-100% it
 # ended at 83% of ln K (the health bar is 80%); twelve settings run side by side on a lent GPU (results/selection/
