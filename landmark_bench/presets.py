@@ -152,8 +152,10 @@ _DDPM = {
 _CDPM_ALIGN = {"condition_dropout": 0.1, "align_fraction": 0.1, "align_weight": 0.1, "align_timestep_gap": None,
                "align_timestep_range": None, "align_scales": None}
 # Second-hand, as _DDPM["paper"]: 10% CFG dropout, the final 10% (5k of 50k iterations) aligned, lambda = 5, the two
-# alignment timesteps uniform in [T/4, 3T/4].
-_CDPM_ALIGN_PAPER = {**_CDPM_ALIGN, "align_weight": 5.0, "align_timestep_range": [0.25, 0.75]}
+# alignment timesteps uniform in [T/4, 3T/4]. Ours: gradient checkpointing in the alignment phase, whose four UNet
+# passes a step peaked at 94 GiB without it (benchmarks/RESULTS.md, "GPU check"), more than an 80 GB GPU holds.
+_CDPM_ALIGN_PAPER = {**_CDPM_ALIGN, "align_weight": 5.0, "align_timestep_range": [0.25, 0.75],
+                     "checkpoint_alignment": True}
 DIFFUSION_PRETRAIN: dict[str, dict[str, dict]] = {
     preset: {"ddpm": settings, "cdpm_align": {**settings, **(_CDPM_ALIGN_PAPER if preset == "paper" else _CDPM_ALIGN)}}
     for preset, settings in _DDPM.items()

@@ -416,6 +416,27 @@ def test_paper_preset_has_the_reported_cdpm_align_settings():
     assert settings["backbone_timestep"] == 200
 
 
+def test_gradient_checkpointing_gives_the_alignment_step_the_same_loss_and_gradients():
+    """The paper preset checkpoints cdpm_align's UNet to fit its four-pass alignment steps: a memory setting only."""
+    modules, losses = [], []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        module = CDPMAlignPretrain(unet=TINY_UNET, dataset_names=DATASETS, max_steps=4, align_weight=2.0,
+                                   checkpoint_alignment=checkpointing)
+        module.log = lambda *args, **kwargs: None
+        torch.manual_seed(1)
+        loss = module.alignment_step({"image": disc_images(3), "dataset_index": torch.tensor([0, 1, 0])})
+        loss.backward()
+        modules.append(module)
+        losses.append(float(loss))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    plain, checkpointed = modules
+    assert checkpointed.unet.is_gradient_checkpointing and not plain.unet.is_gradient_checkpointing
+    assert PRESETS["paper"]["pretrain"]["cdpm_align"]["checkpoint_alignment"]
+    for (name, a), (_, b) in zip(plain.unet.named_parameters(), checkpointed.unet.named_parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, msg=name, rtol=1e-4, atol=1e-6)
+
+
 def test_timestep_pair_stays_in_the_range():
     torch.manual_seed(0)
     first, second = draw_timestep_pair(4096, 500, max_gap=None, timestep_range=(0.25, 0.75))

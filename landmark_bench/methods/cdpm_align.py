@@ -73,9 +73,15 @@ class CDPMAlignPretrain(DDPMPretrain):
         align_timestep_gap: int | None = None,
         align_timestep_range: list[float] | None = None,
         align_scales: list[int] | None = None,
+        checkpoint_alignment: bool = False,
         **kwargs,
     ):
-        """Keyword arguments of ``DDPMPretrain`` plus the CDPM-Align settings described in the module docstring."""
+        """Keyword arguments of ``DDPMPretrain`` plus the CDPM-Align settings described in the module docstring.
+
+        ``checkpoint_alignment``: diffusers' gradient checkpointing (each block's activations recomputed in the
+        backward pass) from the first alignment step on: the same gradients for more time and less memory in that
+        phase, whose four passes a step set the run's peak.
+        """
         super().__init__(**kwargs)
         if not 0 <= condition_dropout < 1:
             raise ValueError(f"condition_dropout must be in [0, 1), got {condition_dropout}")
@@ -117,6 +123,8 @@ class CDPMAlignPretrain(DDPMPretrain):
         The four passes run as one batch of 4B: the UNet normalises per sample (GroupNorm) and attends within
         a sample, so this is the same computation as four separate passes, in one call.
         """
+        if self.hparams.checkpoint_alignment and not self.unet.is_gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
         clean = to_diffusion_range(batch["image"])
         labels = batch["dataset_index"]
         batch_size = clean.shape[0]
