@@ -1,5 +1,6 @@
 """Replace one method's rows of a committed grid (its results.csv and per_image_mre.csv) by those of a newer sweep,
-so that a method re-run with new settings joins the grid whose other rows did not change; then
+so that a method re-run with new settings joins the grid whose other rows did not change (the newer sweep may hold
+other datasets and shot counts: only the grid's own (dataset, protocol, shots, seed) runs are taken); then
 `landmark-bench leaderboard GRID --out GRID` rebuilds the tables from the files alone.
 
 Refuses (and writes nothing) when the newer sweep lacks one of the grid's (protocol, shots, seed) runs of the
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-RUN_KEYS = ["protocol", "shots", "seed"]  # read as text, like every column: the files keep their bytes
+RUN_KEYS = ["dataset", "protocol", "shots", "seed"]  # read as text, like every column: the files keep their bytes
 
 
 def replace(grid: Path, newer: Path, method: str) -> None:
