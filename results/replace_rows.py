@@ -3,7 +3,7 @@ so that a method re-run with new settings joins the grid whose other rows did no
 other datasets and shot counts: only the grid's own (dataset, protocol, shots, seed) runs are taken); then
 `landmark-bench leaderboard GRID --out GRID` rebuilds the tables from the files alone.
 
-Refuses (and writes nothing) when the newer sweep lacks one of the grid's (protocol, shots, seed) runs of the
+Refuses (and writes nothing) when the newer sweep lacks one of the grid's (dataset, protocol, shots, seed) runs of the
 method or one that is not done, so a half-finished sweep cannot leave a grid with missing rows."""
 
 from __future__ import annotations
