@@ -1,6 +1,8 @@
 """SSL selection on the device (`python ssl_sel.py METHOD [CONFIG ...]`, METHOD dino or moco): each configuration's
 `cpu` preset pretraining (on the GPU), its health, and the probe on ISBI 2015 validation (10 shots, seeds 0-2), in
-parallel processes; every image from the carried cache."""
+parallel processes; every image from the carried cache. A job named `CONFIG@sN` pretrains with seed N (0 otherwise);
+PRETRAIN_SEEDS="1 2 3" runs every named configuration at each of those seeds; FINETUNE=1 also fine-tunes each
+pretraining on the same validation grid; PROCESSES caps the jobs at once (all of them otherwise)."""
 import json, os, pickle, sys, time, traceback
 from multiprocessing import get_context
 from pathlib import Path
@@ -51,6 +53,7 @@ ACC = os.environ.get("ACC", "gpu")
 # SMOKE=1: a few steps of everything, to test this script on a CPU
 SMOKE = {f"pretrain.{METHOD}.max_steps": 3, f"pretrain.{METHOD}.warmup_steps": 1} if os.environ.get("SMOKE") else {}
 PROBE = {"finetune.max_steps": 3, "finetune.val_every": 3} if SMOKE else None
+FINETUNE = bool(os.environ.get("FINETUNE"))
 
 
 def patch_readers():
@@ -60,10 +63,11 @@ def patch_readers():
     datamodule.get_reader = lambda name, data_dir=None, **options: readers[name]
 
 
-def probe(method, pretrained, name, seed):
+def probe(method, pretrained, name, seed, protocol="probe"):
     from landmark_bench.finetune import finetune
     record = finetune(method=method, dataset="isbi2015", shots=10, seed=seed, preset="cpu", data_dir=DATA,
-                      out=WORK / name / f"probe-s{seed}", pretrained=pretrained, accelerator=ACC, protocol="probe", overrides=PROBE)
+                      out=WORK / name / f"{protocol}-s{seed}", pretrained=pretrained, accelerator=ACC,
+                      protocol=protocol, overrides=PROBE)
     return record["best_val_mre"]
 
 
@@ -73,15 +77,16 @@ def job(name):
     torch.set_num_threads(1)
     patch_readers()
     PARTS.mkdir(parents=True, exist_ok=True)
-    result = {"name": name, "overrides": CONFIGS[METHOD].get(name, {})}
+    config, _, pretrain_seed = name.partition("@s")
+    result = {"name": name, "overrides": CONFIGS[METHOD].get(config, {}), "pretrain_seed": int(pretrain_seed or 0)}
     start = time.time()
     try:
-        if name == "scratch":
+        if config == "scratch":
             result["probe_val_mre"] = [probe("scratch", None, name, seed) for seed in SEEDS]
         else:
             from landmark_bench.pretrain import pretrain
             pretrain(method=METHOD, preset="cpu", data_dir=DATA, out=WORK / name / "pretrain", accelerator=ACC,
-                     overrides={**CONFIGS[METHOD][name], **SMOKE})
+                     overrides={**CONFIGS[METHOD][config], **SMOKE}, seed=result["pretrain_seed"])
             result["health"] = json.loads((WORK / name / "pretrain" / "health.json").read_text())
             result["pretrain_seconds"] = time.time() - start
             (PARTS / f"{name}.json").write_text(json.dumps(result, indent=1))
@@ -90,6 +95,11 @@ def job(name):
             for seed in SEEDS:
                 result["probe_val_mre"].append(probe(METHOD, ckpt, name, seed))
                 (PARTS / f"{name}.json").write_text(json.dumps(result, indent=1))
+            if FINETUNE:
+                result["finetune_val_mre"] = []
+                for seed in SEEDS:
+                    result["finetune_val_mre"].append(probe(METHOD, ckpt, name, seed, protocol="finetune"))
+                    (PARTS / f"{name}.json").write_text(json.dumps(result, indent=1))
     except Exception:
         result["error"] = traceback.format_exc()
     result["seconds"] = time.time() - start
@@ -99,10 +109,13 @@ def job(name):
 
 if __name__ == "__main__":
     names = sys.argv[2:] or ["scratch", *CONFIGS[METHOD]]
-    with get_context("spawn").Pool(len(names)) as pool:
+    if os.environ.get("PRETRAIN_SEEDS"):
+        names = [f"{name}@s{seed}" for name in names for seed in os.environ["PRETRAIN_SEEDS"].split()]
+    with get_context("spawn").Pool(int(os.environ.get("PROCESSES", len(names)))) as pool:
         for result in pool.imap_unordered(job, names):
             health = result.get("health", {})
             print(result["name"], f"{result['seconds']:.0f}s", health.get("summary", ""), "probe",
-                  result.get("probe_val_mre"), "ERROR" if "error" in result else "", flush=True)
+                  result.get("probe_val_mre"), "finetune", result.get("finetune_val_mre"),
+                  "ERROR" if "error" in result else "", flush=True)
             if "error" in result:
                 print(result["error"][-1500:], flush=True)
