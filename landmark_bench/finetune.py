@@ -69,12 +69,23 @@ def landmark_detector(method: str, protocol: str, settings: dict, cfg: dict, dat
     )
 
 
-def pretraining_hyper_parameters(method: str, pretrained: str | None) -> dict | None:
-    """The pretraining checkpoint's hyperparameters, kept in the run's ``config.json`` (values JSON cannot hold as
-    their text) so that ``predict`` rebuilds the detector's network from the run folder alone, wherever it moves."""
+def pretraining_hyper_parameters(method: str, pretrained: str | None) -> tuple[dict | None, list[str]]:
+    """The pretraining checkpoint's hyperparameters, kept in the run's ``config.json`` so that ``predict`` rebuilds
+    the detector's network from the run folder alone, wherever it moves; and the keys of values JSON cannot hold,
+    kept only as their text, which ``predict`` therefore reads from the checkpoint instead."""
     if pretrained is None or not get_method(method).pretrains:  # none, or a misuse the backbone's builder names
-        return None
-    return json.loads(json.dumps(dict(read_checkpoint(pretrained).get("hyper_parameters", {})), default=str))
+        return None, []
+    hyper_parameters = dict(read_checkpoint(pretrained).get("hyper_parameters", {}))
+    as_text = sorted(key for key, value in hyper_parameters.items() if not json_can_hold(value))
+    return json.loads(json.dumps(hyper_parameters, default=str)), as_text
+
+
+def json_can_hold(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def finetune(
@@ -127,9 +138,11 @@ def finetune(
         share_cores(accelerator, devices)
         datamodule = few_shot_data(cfg, dataset, data_dir, shots, seed, reader_options)
         record["subset_ids"] = datamodule.subset_ids
+        pretraining, pretraining_as_text = pretraining_hyper_parameters(method, pretrained)
         record_json(out / "config.json", {**config, "subset_ids": datamodule.subset_ids,
                                           "config_hash": record["config_hash"],
-                                          "pretraining_hyper_parameters": pretraining_hyper_parameters(method, pretrained)})
+                                          "pretraining_hyper_parameters": pretraining,
+                                          "pretraining_hyper_parameters_as_text": pretraining_as_text})
         evaluation = LandmarkEvaluation(out)
         loggers = run_loggers(out, out.name, wandb_group,
                               [method, protocol, dataset, f"shots={shots}", f"seed={seed}"], config)

@@ -80,8 +80,8 @@ def load_detector(run: str | Path) -> tuple[LandmarkDetector, dict]:
 
     The network is rebuilt as ``finetune`` built it (method, preset and overrides, protocol) at random init from the
     pretraining's hyperparameters kept in ``config.json``, and every weight comes from the detector's checkpoint: the
-    run folder is self-contained, wherever it is copied. Run folders from before those hyperparameters were kept read
-    them from the pretraining checkpoint the config names.
+    run folder is self-contained, wherever it is copied. Run folders from before those hyperparameters were kept, and
+    runs whose pretraining has values JSON cannot hold, read them from the pretraining checkpoint the config names.
     """
     config_path, checkpoint_path = run_files(run)
     config = json.loads(config_path.read_text())
@@ -92,8 +92,15 @@ def load_detector(run: str | Path) -> tuple[LandmarkDetector, dict]:
     if "hyper_parameters" not in checkpoint:
         raise CheckpointError(f"checkpoint {checkpoint_path} holds no detector hyperparameters")
     pretraining = config.get("pretraining_hyper_parameters")
-    if pretraining is None and method.pretrains:
-        pretraining = read_checkpoint(config["pretrained"], expected_method=config["method"])["hyper_parameters"]
+    as_text = config.get("pretraining_hyper_parameters_as_text") or []
+    if (pretraining is None or as_text) and method.pretrains:
+        try:
+            pretraining = read_checkpoint(config["pretrained"], expected_method=config["method"])["hyper_parameters"]
+        except CheckpointError as error:
+            if not as_text:
+                raise
+            raise CheckpointError(f"{config_path} holds the pretraining's {', '.join(as_text)} only as text (JSON "
+                                  f"cannot hold them), so they must come from its checkpoint: {error}") from None
     settings, cfg = preset_settings(config["preset"], config.get("overrides")), config["finetune"]
     hparams = checkpoint["hyper_parameters"]
     backbone = detector_architecture(config["method"], hparams.get("protocol", "finetune"), settings,

@@ -16,11 +16,13 @@ import math
 import torch
 import torch.nn.functional as F
 
+from landmark_bench.checkpoints import CheckpointError
 from landmark_bench.cli import main
 from landmark_bench.data.readers import DatasetReader, Record, check_landmarks, image_size
 from landmark_bench.data.registry import register_dataset
 from landmark_bench.finetune import finetune
 from landmark_bench.methods import EncoderPretrainer, register
+from landmark_bench.predict import load_detector
 from landmark_bench.pretrain import pretrain
 
 
@@ -66,6 +68,31 @@ def test_a_new_method_runs_through_every_command(tiny_runs, tmp_path):
     board = pd.read_csv(tmp_path / "sweep" / "leaderboard" / "leaderboard.csv")
     rows = board[(board.method == "toy_rotation") & (board.split == "test")]
     assert set(rows.protocol) == {"finetune", "probe"} and set(rows.control) == {"scratch"}
+
+
+def test_a_pretraining_setting_json_cannot_hold_comes_back_from_its_checkpoint(tmp_path, monkeypatch):
+    pretrained = tmp_path / "pretrain" / "pretrained.ckpt"
+    pretrain(method="toy_rotation", datasets=["phantom"], preset="tiny", out=pretrained.parent,
+             overrides={"pretrain.toy_rotation.max_steps": 2})
+    checkpoint = torch.load(pretrained, weights_only=True)
+    checkpoint["hyper_parameters"]["feature_dtype"] = torch.float16  # a plugin's setting a checkpoint holds, JSON not
+    torch.save(checkpoint, pretrained)
+    run = tmp_path / "finetune"
+    finetune(method="toy_rotation", dataset="phantom", shots=5, seed=0, preset="tiny", pretrained=str(pretrained),
+             out=run, overrides={"finetune.max_steps": 2, "finetune.warmup_steps": 1, "finetune.val_every": 2})
+    config = json.loads((run / "config.json").read_text())
+    assert config["pretraining_hyper_parameters"]["feature_dtype"] == "torch.float16"
+    assert config["pretraining_hyper_parameters_as_text"] == ["feature_dtype"]
+
+    seen = []
+    architecture = RotationPrediction.architecture
+    monkeypatch.setattr(RotationPrediction, "architecture", classmethod(
+        lambda cls, spec, hyper_parameters=None: seen.append(hyper_parameters) or architecture(spec, hyper_parameters)))
+    load_detector(run)
+    assert seen[-1]["feature_dtype"] is torch.float16 and seen[-1]["max_steps"] == 2
+    pretrained.rename(tmp_path / "elsewhere.ckpt")
+    with pytest.raises(CheckpointError, match="feature_dtype only as text"):
+        load_detector(run)
 
 
 @register_dataset
