@@ -47,6 +47,10 @@ CONFIGS = {
         "M_560": {"pretrain.moco.max_steps": 560, "pretrain.moco.warmup_steps": 56},
     },
 }
+# the moco settings are changes from the preset of their runs, which the `cpu` preset left on 2026-12-05 (temperature
+# 0.1 and lr 3e-3 since): pinned here, so that every name still runs what it ran then
+MOCO_PRESET_THEN = {"pretrain.moco.lr": 1e-3, "pretrain.moco.temperature": 0.2}
+CONFIGS["moco"] = {name: {**MOCO_PRESET_THEN, **changes} for name, changes in CONFIGS["moco"].items()}
 METHOD = sys.argv[1] if len(sys.argv) > 1 else "dino"
 SEEDS = (0, 1, 2)
 ACC = os.environ.get("ACC", "gpu")
